@@ -1,0 +1,81 @@
+//! The command line: one file per subcommand, flags with environment variables.
+
+use clap::{Args, Parser, Subcommand};
+use outbox_relay::db::DbConfig;
+use outbox_relay::schema::SchemaName;
+
+mod migrate;
+
+/// Transactional outbox relay from PostgreSQL to Kafka.
+#[derive(Debug, Parser)]
+#[command(name = "outbox-relay", version, about)]
+pub(crate) struct Cli {
+    #[command(flatten)]
+    pub(crate) global: Global,
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// Options every subcommand takes.
+#[derive(Debug, Args)]
+pub(crate) struct Global {
+    /// PostgreSQL URL. Put the password in the environment, a ~/.pgpass file or
+    /// DATABASE_URL_FILE, never on the command line.
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true, global = true)]
+    database_url: Option<String>,
+    /// A file holding the PostgreSQL URL (for secrets mounted as files).
+    #[arg(long, env = "DATABASE_URL_FILE", global = true)]
+    database_url_file: Option<std::path::PathBuf>,
+    /// The PostgreSQL schema holding the outbox objects.
+    #[arg(long, env = "OUTBOX_SCHEMA", default_value = "outbox", global = true)]
+    schema: SchemaName,
+    /// Log lines as JSON instead of human-readable text.
+    #[arg(long, env = "OUTBOX_LOG_JSON", global = true)]
+    pub(crate) log_json: bool,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Install or upgrade the schema (idempotent; safe to run concurrently).
+    Migrate(migrate::MigrateArgs),
+}
+
+/// An error for the operator: what failed and what to do, already in the message.
+pub(crate) type CliError = Box<dyn std::error::Error + Send + Sync>;
+
+impl Global {
+    pub(crate) fn db_config(&self) -> Result<DbConfig, CliError> {
+        let url = match (&self.database_url, &self.database_url_file) {
+            (_, Some(path)) => std::fs::read_to_string(path)
+                .map_err(|e| format!("cannot read DATABASE_URL_FILE {}: {e}", path.display()))?
+                .trim()
+                .to_owned(),
+            (Some(url), None) => url.clone(),
+            (None, None) => {
+                return Err("no database given: set DATABASE_URL (or DATABASE_URL_FILE, or --database-url)".into())
+            }
+        };
+        Ok(DbConfig::parse(&url)?)
+    }
+
+    pub(crate) fn schema(&self) -> &SchemaName {
+        &self.schema
+    }
+}
+
+pub(crate) fn init_logging(global: &Global) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("OUTBOX_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if global.log_json {
+        builder.json().flatten_event(true).init();
+    } else {
+        builder.init();
+    }
+}
+
+pub(crate) async fn dispatch(cli: Cli) -> Result<(), CliError> {
+    match cli.command {
+        Command::Migrate(args) => migrate::run(&cli.global, args).await,
+    }
+}

@@ -1,0 +1,26 @@
+//! outbox-relay: a transactional outbox relay from PostgreSQL to Kafka, and an inbox that gives
+//! consumers exactly-once effects.
+//!
+//! # Layout
+//!
+//! - [`schema`]: the schema name, the numbered migrations under `schema/`, and `migrate`.
+//! - [`outbox`]: the writer API; enqueue messages inside the caller's own transaction.
+//! - [`db`]: PostgreSQL connections with timeouts and server-verifying TLS.
+//!
+//! # Guarantees
+//!
+//! 1. A message enqueued in a transaction exists if and only if that transaction commits; a
+//!    repeated idempotency key enqueues nothing new and returns the first id.
+//! 2. Every committed outbox row is published to Kafka at least once; per key, in the order the
+//!    rows were written (sequence order), provided writes of one key are serialised (as a row lock
+//!    on the business entity does). Two transactions writing the same key at once have no order
+//!    between them but their commit order.
+//! 3. A consumer using the inbox applies each message's effect once: the message id is recorded
+//!    in the same transaction as the effect.
+//!
+//! The SQL contract (`<schema>.enqueue(...)`, `<schema>.enqueue_json(...)`) gives services in any
+//! language the same writer as [`outbox::Outbox`].
+
+pub mod db;
+pub mod outbox;
+pub mod schema;
