@@ -16,8 +16,10 @@
 
 use std::time::Duration;
 
+use tokio::sync::mpsc;
 use tokio_postgres::config::Host;
 use tokio_postgres::{Client, Config};
+use tokio_util::sync::CancellationToken;
 
 /// How long a connection attempt may take when the URL sets no `connect_timeout`.
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -146,6 +148,36 @@ impl DbConfig {
 
     /// Opens a session; its connection task runs on the current tokio runtime and ends with it.
     pub async fn connect(&self) -> Result<Client, ConnectError> {
+        Ok(self.connect_watched().await?.0)
+    }
+
+    /// Opens a session and returns a token cancelled the moment the session is gone (server
+    /// restart, `pg_terminate_backend`, network loss), for work that must stop with it.
+    pub async fn connect_watched(&self) -> Result<(Client, CancellationToken), ConnectError> {
+        let (client, closed, _) = self.open(false).await?;
+        Ok((client, closed))
+    }
+
+    /// Opens a session that LISTENs on `channel`; the receiver yields one `()` per notification
+    /// and ends when the session is gone.
+    pub async fn listen(&self, channel: &str) -> Result<(Client, mpsc::UnboundedReceiver<()>), ConnectError> {
+        let (client, _, notes) = self.open(true).await?;
+        let quoted = channel.replace('"', "\"\"");
+        client.batch_execute(&format!("LISTEN \"{quoted}\"")).await.map_err(ConnectError::Session)?;
+        Ok((client, notes.expect("asked for notifications")))
+    }
+
+    async fn open(
+        &self,
+        notifications: bool,
+    ) -> Result<(Client, CancellationToken, Option<mpsc::UnboundedReceiver<()>>), ConnectError> {
+        let closed = CancellationToken::new();
+        let (tx, rx) = if notifications {
+            let (tx, rx) = mpsc::unbounded_channel();
+            (Some(tx), Some(rx))
+        } else {
+            (None, None)
+        };
         let client = match self.tls {
             TlsMode::Disable => {
                 let (client, conn) = self
@@ -153,14 +185,10 @@ impl DbConfig {
                     .connect(tokio_postgres::NoTls)
                     .await
                     .map_err(|source| ConnectError::Connect { target: self.target(), source })?;
-                tokio::spawn(async move {
-                    if let Err(e) = conn.await {
-                        tracing::debug!(error = %e, "postgres connection closed");
-                    }
-                });
+                tokio::spawn(drive(conn, closed.clone(), tx));
                 client
             }
-            TlsMode::VerifyCa | TlsMode::VerifyFull => self.connect_tls().await?,
+            TlsMode::VerifyCa | TlsMode::VerifyFull => self.connect_tls(closed.clone(), tx).await?,
         };
         if let Some(t) = self.statement_timeout {
             client
@@ -168,11 +196,15 @@ impl DbConfig {
                 .await
                 .map_err(ConnectError::Session)?;
         }
-        Ok(client)
+        Ok((client, closed, rx))
     }
 
     #[cfg(feature = "relay")]
-    async fn connect_tls(&self) -> Result<Client, ConnectError> {
+    async fn connect_tls(
+        &self,
+        closed: CancellationToken,
+        notes: Option<mpsc::UnboundedSender<()>>,
+    ) -> Result<Client, ConnectError> {
         use openssl::ssl::{SslConnector, SslMethod, SslVerifyMode};
         let mut builder =
             SslConnector::builder(SslMethod::tls_client()).map_err(|e| ConnectError::Tls(e.to_string()))?;
@@ -193,20 +225,47 @@ impl DbConfig {
             .connect(connector)
             .await
             .map_err(|source| ConnectError::Connect { target: self.target(), source })?;
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(error = %e, "postgres connection closed");
-            }
-        });
+        tokio::spawn(drive(conn, closed, notes));
         Ok(client)
     }
 
     #[cfg(not(feature = "relay"))]
-    async fn connect_tls(&self) -> Result<Client, ConnectError> {
+    async fn connect_tls(
+        &self,
+        _closed: CancellationToken,
+        _notes: Option<mpsc::UnboundedSender<()>>,
+    ) -> Result<Client, ConnectError> {
         Err(ConnectError::Tls(
             "this build has no TLS support: enable the `relay` feature or use sslmode=disable".into(),
         ))
     }
+}
+
+/// Runs a connection until it ends, forwarding notifications, then cancels `closed`.
+async fn drive<S, T>(
+    mut conn: tokio_postgres::Connection<S, T>,
+    closed: CancellationToken,
+    notes: Option<mpsc::UnboundedSender<()>>,
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    loop {
+        match std::future::poll_fn(|cx| conn.poll_message(cx)).await {
+            Some(Ok(tokio_postgres::AsyncMessage::Notification(_))) => {
+                if let Some(tx) = &notes {
+                    let _ = tx.send(());
+                }
+            }
+            Some(Ok(_)) => {}
+            Some(Err(e)) => {
+                tracing::debug!(error = %e, "postgres connection closed");
+                break;
+            }
+            None => break,
+        }
+    }
+    closed.cancel();
 }
 
 /// Takes `sslmode` and `sslrootcert` out of a URL or key=value string.

@@ -6,6 +6,8 @@
 //! - [`schema`]: the schema name, the numbered migrations under `schema/`, and `migrate`.
 //! - [`outbox`]: the writer API; enqueue messages inside the caller's own transaction.
 //! - [`db`]: PostgreSQL connections with timeouts and server-verifying TLS.
+//! - [`retry`]: capped exponential backoff with full jitter.
+//! - [`relay`] (feature `relay`): the daemon; lanes, the delivery loop, the Kafka envelope.
 //!
 //! # Guarantees
 //!
@@ -23,4 +25,7 @@
 
 pub mod db;
 pub mod outbox;
+#[cfg(feature = "relay")]
+pub mod relay;
+pub mod retry;
 pub mod schema;

@@ -105,6 +105,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "0002_writer_functions.sql",
         sql: include_str!("../schema/0002_writer_functions.sql"),
     },
+    Migration {
+        version: 3,
+        name: "0003_delivery_archive.sql",
+        sql: include_str!("../schema/0003_delivery_archive.sql"),
+    },
 ];
 
 impl Migration {
@@ -291,6 +296,28 @@ async fn read_lanes(client: &impl tokio_postgres::GenericClient, schema: &Schema
         .map_err(db("reading the lane count"))?;
     let v: String = row.get(0);
     Ok(v.parse().unwrap_or(0))
+}
+
+/// Who a set of least-privilege grants is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GrantsFor {
+    /// The relay daemon.
+    Relay,
+    /// A service writing outbox rows.
+    Writer,
+    /// A consumer using the inbox.
+    Consumer,
+}
+
+/// The `GRANT` statements giving `role` what it needs and nothing more.
+pub fn grants_sql(schema: &SchemaName, role: &str, who: GrantsFor) -> String {
+    let sql = match who {
+        GrantsFor::Relay => include_str!("../schema/roles/relay.sql"),
+        GrantsFor::Writer => include_str!("../schema/roles/writer.sql"),
+        GrantsFor::Consumer => include_str!("../schema/roles/consumer.sql"),
+    };
+    let role = format!("\"{}\"", role.replace('"', "\"\""));
+    schema.qualify(sql).replace("__ROLE__", &role)
 }
 
 /// The facts a relay or a tool needs about an installed schema.

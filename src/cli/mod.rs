@@ -4,7 +4,9 @@ use clap::{Args, Parser, Subcommand};
 use outbox_relay::db::DbConfig;
 use outbox_relay::schema::SchemaName;
 
+mod grants;
 mod migrate;
+mod run;
 
 /// Transactional outbox relay from PostgreSQL to Kafka.
 #[derive(Debug, Parser)]
@@ -38,6 +40,10 @@ pub(crate) struct Global {
 enum Command {
     /// Install or upgrade the schema (idempotent; safe to run concurrently).
     Migrate(migrate::MigrateArgs),
+    /// Run the relay: publish committed outbox rows to Kafka until SIGTERM/SIGINT.
+    Run(run::RunArgs),
+    /// Print least-privilege GRANT statements for the relay, a writer or a consumer role.
+    Grants(grants::GrantsArgs),
 }
 
 /// An error for the operator: what failed and what to do, already in the message.
@@ -77,5 +83,7 @@ pub(crate) fn init_logging(global: &Global) {
 pub(crate) async fn dispatch(cli: Cli) -> Result<(), CliError> {
     match cli.command {
         Command::Migrate(args) => migrate::run(&cli.global, args).await,
+        Command::Run(args) => run::run(&cli.global, args).await,
+        Command::Grants(args) => grants::run(&cli.global, args),
     }
 }

@@ -8,4 +8,5 @@
 mod support;
 
 mod migrate;
+mod relay;
 mod writer;

@@ -2,7 +2,9 @@
 
 #![allow(dead_code)]
 
+pub mod kafka;
 pub mod proxy;
+pub mod relay;
 
 use std::sync::atomic::{AtomicU32, Ordering};
 

@@ -1,0 +1,116 @@
+//! `outbox-relay run`: the relay daemon.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Args;
+use outbox_relay::relay::{self, kafka, RelayConfig};
+use outbox_relay::retry::Backoff;
+use tokio_util::sync::CancellationToken;
+
+use super::{CliError, Global};
+
+#[derive(Debug, Args)]
+pub(crate) struct RunArgs {
+    /// Kafka bootstrap servers (host:port,...).
+    #[arg(long, env = "KAFKA_BROKERS")]
+    kafka_brokers: String,
+    /// A librdkafka property, name=value (repeatable); name=@file reads the value from a file.
+    /// Secrets (passwords) are refused as literal values: use @file or --kafka-config-file.
+    #[arg(short = 'X', value_name = "NAME=VALUE", value_parser = kafka::parse_property)]
+    kafka_property: Vec<(String, String)>,
+    /// A librdkafka properties file (name=value lines), for TLS and SASL settings and secrets.
+    #[arg(long, env = "KAFKA_CONFIG_FILE")]
+    kafka_config_file: Option<PathBuf>,
+    /// Rows read and produced per batch.
+    #[arg(long, env = "OUTBOX_BATCH_SIZE", default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    batch_size: u32,
+    /// How often an idle lane checks for rows when no NOTIFY arrived.
+    #[arg(long, env = "OUTBOX_POLL_INTERVAL", default_value = "1s", value_parser = humantime::parse_duration)]
+    poll_interval: Duration,
+    /// The most lanes this instance takes (default: an even share of the lanes among live instances).
+    #[arg(long, env = "OUTBOX_MAX_LANES")]
+    max_lanes: Option<u16>,
+    /// How often the instance heartbeats and rebalances lanes.
+    #[arg(long, env = "OUTBOX_HEARTBEAT_INTERVAL", default_value = "1s", value_parser = humantime::parse_duration)]
+    heartbeat_interval: Duration,
+    /// An instance silent for this long counts as dead and its lanes are shared out.
+    #[arg(long, env = "OUTBOX_INSTANCE_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
+    instance_timeout: Duration,
+    /// How long librdkafka may try to deliver one message (message.timeout.ms).
+    #[arg(long, env = "OUTBOX_MESSAGE_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
+    message_timeout: Duration,
+    /// The first retry delay ceiling (full jitter: random(0, min(cap, base * 2^attempt))).
+    #[arg(long, env = "OUTBOX_RETRY_BASE", default_value = "200ms", value_parser = humantime::parse_duration)]
+    retry_base: Duration,
+    /// The largest retry delay.
+    #[arg(long, env = "OUTBOX_RETRY_CAP", default_value = "60s", value_parser = humantime::parse_duration)]
+    retry_cap: Duration,
+    /// How long a graceful shutdown (SIGTERM/SIGINT) may take.
+    #[arg(long, env = "OUTBOX_SHUTDOWN_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
+    shutdown_timeout: Duration,
+    /// The CloudEvents ce_source header (default /outbox-relay/<schema>).
+    #[arg(long, env = "OUTBOX_SOURCE")]
+    source: Option<String>,
+    /// A prefix for every Kafka topic.
+    #[arg(long, env = "OUTBOX_TOPIC_PREFIX", default_value = "")]
+    topic_prefix: String,
+    /// Send rows written for topic FROM to topic TO (repeatable).
+    #[arg(long, value_name = "FROM=TO", value_parser = parse_mapping)]
+    topic_map: Vec<(String, String)>,
+    /// Keep delivered rows in <schema>.delivered (topic, partition, offset, time) instead of deleting them.
+    #[arg(long, env = "OUTBOX_ARCHIVE")]
+    archive: bool,
+    /// How long archived rows are kept.
+    #[arg(long, env = "OUTBOX_ARCHIVE_RETENTION", default_value = "7days", value_parser = humantime::parse_duration)]
+    archive_retention: Duration,
+}
+
+fn parse_mapping(s: &str) -> Result<(String, String), String> {
+    let (a, b) = s.split_once('=').ok_or_else(|| format!("--topic-map {s:?}: expected FROM=TO"))?;
+    outbox_relay::outbox::validate_topic(a).map_err(|e| format!("--topic-map {s:?}: {e}"))?;
+    outbox_relay::outbox::validate_topic(b).map_err(|e| format!("--topic-map {s:?}: {e}"))?;
+    Ok((a.to_owned(), b.to_owned()))
+}
+
+pub(crate) async fn run(global: &Global, args: RunArgs) -> Result<(), CliError> {
+    let mut config = RelayConfig::new(global.db_config()?, global.schema().clone(), args.kafka_brokers);
+    if let Some(path) = &args.kafka_config_file {
+        config.producer.properties.extend(kafka::read_properties_file(path)?);
+    }
+    config.producer.properties.extend(args.kafka_property);
+    config.producer.message_timeout = args.message_timeout;
+    config.batch_size = args.batch_size as usize;
+    config.poll_interval = args.poll_interval;
+    config.max_lanes = args.max_lanes;
+    config.heartbeat_interval = args.heartbeat_interval;
+    config.instance_timeout = args.instance_timeout;
+    config.shutdown_timeout = args.shutdown_timeout;
+    config.source = args.source;
+    config.topic_prefix = args.topic_prefix;
+    config.topic_map = args.topic_map.into_iter().collect::<HashMap<_, _>>();
+    config.archive = args.archive;
+    config.archive_retention = args.archive_retention;
+    config.retry = Backoff { base: args.retry_base, cap: args.retry_cap };
+
+    let shutdown = CancellationToken::new();
+    tokio::spawn(stop_on_signal(shutdown.clone()));
+    relay::run(config, shutdown).await?;
+    Ok(())
+}
+
+/// Cancels `shutdown` on SIGTERM or SIGINT; a second signal exits at once.
+async fn stop_on_signal(shutdown: CancellationToken) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        tracing::error!("cannot install signal handlers; stop the relay with SIGKILL");
+        return;
+    };
+    tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
+    tracing::info!("signal received: graceful shutdown (send it again to exit at once)");
+    shutdown.cancel();
+    tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
+    tracing::warn!("second signal: exiting without finishing in-flight batches (their rows are delivered again later)");
+    std::process::exit(130);
+}

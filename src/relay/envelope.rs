@@ -1,0 +1,36 @@
+//! The Kafka record a row becomes: CloudEvents binary content mode in headers, the W3C
+//! `traceparent`, the correlation id, and the writer's own headers.
+
+use rdkafka::message::{Header, OwnedHeaders};
+
+use super::claim::ClaimedRow;
+
+/// CloudEvents spec version written in `ce_specversion`.
+pub const CE_SPECVERSION: &str = "1.0";
+/// The header the inbox reads the message id from by default.
+pub const ID_HEADER: &str = "ce_id";
+
+/// Builds the headers of one row's record.
+pub fn headers(row: &ClaimedRow, source: &str) -> OwnedHeaders {
+    let time = row.created_at.to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
+    let id = row.id.hyphenated().to_string();
+    let ce_type = row.message_type.as_deref().unwrap_or(&row.topic);
+    let content_type = row.content_type.as_deref().unwrap_or(crate::outbox::CONTENT_TYPE_BYTES);
+    let mut h = OwnedHeaders::new_with_capacity(8 + row.headers.len())
+        .insert(Header { key: "ce_specversion", value: Some(CE_SPECVERSION) })
+        .insert(Header { key: ID_HEADER, value: Some(id.as_str()) })
+        .insert(Header { key: "ce_source", value: Some(source) })
+        .insert(Header { key: "ce_type", value: Some(ce_type) })
+        .insert(Header { key: "ce_time", value: Some(time.as_str()) })
+        .insert(Header { key: "content-type", value: Some(content_type) });
+    if let Some(tp) = &row.traceparent {
+        h = h.insert(Header { key: "traceparent", value: Some(tp.as_str()) });
+    }
+    if let Some(c) = &row.correlation_id {
+        h = h.insert(Header { key: "correlation_id", value: Some(c.as_str()) });
+    }
+    for (k, v) in &row.headers {
+        h = h.insert(Header { key: k.as_str(), value: Some(v.as_str()) });
+    }
+    h
+}

@@ -1,0 +1,168 @@
+//! The Kafka producer: defaults that keep the delivery promise, and the `-X` passthrough.
+
+use std::time::Duration;
+
+use rdkafka::config::ClientConfig;
+use rdkafka::producer::FutureProducer;
+
+/// librdkafka properties that hold secrets: refused as literal `-X` values on the command line
+/// (give them as `-X name=@file` or in `--kafka-config-file`), and never logged.
+pub const SECRET_PROPERTIES: &[&str] = &[
+    "sasl.password",
+    "sasl.oauthbearer.client.secret",
+    "ssl.key.password",
+    "ssl.keystore.password",
+    "ssl.key.pem",
+    "ssl_key",
+    "sasl.oauthbearer.config",
+];
+
+/// Whether a librdkafka property holds a secret.
+pub fn is_secret_property(name: &str) -> bool {
+    SECRET_PROPERTIES.contains(&name) || name.contains("password") || name.contains("secret")
+}
+
+/// Why the producer could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum KafkaConfigError {
+    /// A property would break at-least-once delivery or per-key order.
+    #[error("librdkafka property {name}={value} is refused: {why}")]
+    Refused {
+        /// The property.
+        name: String,
+        /// Its value.
+        value: String,
+        /// Why.
+        why: &'static str,
+    },
+    /// librdkafka refused the configuration.
+    #[error("the Kafka producer could not be created: {0} (check the -X properties and KAFKA_BROKERS)")]
+    Create(#[source] rdkafka::error::KafkaError),
+}
+
+/// Settings for the relay's producer.
+#[derive(Clone, Debug)]
+pub struct ProducerSettings {
+    /// `bootstrap.servers`.
+    pub brokers: String,
+    /// How long librdkafka may try to deliver one message (`message.timeout.ms`).
+    pub message_timeout: Duration,
+    /// librdkafka properties given by the operator; they override the defaults.
+    pub properties: Vec<(String, String)>,
+}
+
+impl ProducerSettings {
+    /// The full librdkafka configuration.
+    pub fn client_config(&self) -> Result<ClientConfig, KafkaConfigError> {
+        let mut c = ClientConfig::new();
+        c.set("bootstrap.servers", &self.brokers)
+            .set("client.id", "outbox-relay")
+            // The promise: every acknowledged write is on all in-sync replicas, retries never
+            // duplicate or reorder within a partition.
+            .set("enable.idempotence", "true")
+            .set("acks", "all")
+            .set("max.in.flight.requests.per.connection", "5")
+            // Java's partitioner, so keys land where Java producers would put them.
+            .set("partitioner", "murmur2_random")
+            .set("linger.ms", "5")
+            .set("batch.num.messages", "10000")
+            .set("queue.buffering.max.messages", "200000")
+            .set("queue.buffering.max.kbytes", "262144")
+            .set("message.timeout.ms", self.message_timeout.as_millis().to_string())
+            .set("socket.timeout.ms", "10000")
+            .set("socket.connection.setup.timeout.ms", "10000")
+            .set("reconnect.backoff.ms", "100")
+            .set("reconnect.backoff.max.ms", "5000")
+            .set("retry.backoff.ms", "100")
+            .set("retry.backoff.max.ms", "2000")
+            .set("topic.metadata.refresh.interval.ms", "30000")
+            .set("log_level", "4");
+        for (name, value) in &self.properties {
+            check_property(name, value)?;
+            c.set(name, value);
+        }
+        Ok(c)
+    }
+
+    /// Creates the producer.
+    pub fn create(&self) -> Result<FutureProducer, KafkaConfigError> {
+        self.client_config()?.create().map_err(KafkaConfigError::Create)
+    }
+}
+
+fn check_property(name: &str, value: &str) -> Result<(), KafkaConfigError> {
+    let refuse = |why| Err(KafkaConfigError::Refused { name: name.to_owned(), value: value.to_owned(), why });
+    match name {
+        "enable.idempotence" if value != "true" => {
+            refuse("the idempotent producer keeps retries from duplicating or reordering messages")
+        }
+        "acks" | "request.required.acks" if !matches!(value, "all" | "-1") => {
+            refuse("a row is deleted once acknowledged, so the acknowledgement must mean all in-sync replicas")
+        }
+        "transactional.id" => refuse("the relay does not use Kafka transactions"),
+        _ => Ok(()),
+    }
+}
+
+/// Parses `name=value`; a value `@path` is read from that file (for secrets).
+pub fn parse_property(arg: &str) -> Result<(String, String), String> {
+    let (name, value) =
+        arg.split_once('=').ok_or_else(|| format!("-X {arg:?}: expected name=value (a librdkafka property)"))?;
+    let name = name.trim();
+    if name.is_empty() {
+        return Err(format!("-X {arg:?}: the property name is empty"));
+    }
+    if let Some(path) = value.strip_prefix('@') {
+        let v = std::fs::read_to_string(path).map_err(|e| format!("-X {name}=@{path}: cannot read the file: {e}"))?;
+        return Ok((name.to_owned(), v.trim_end_matches(['\n', '\r']).to_owned()));
+    }
+    if is_secret_property(name) {
+        return Err(format!(
+            "-X {name}=...: a secret on the command line is visible to every user of the machine; \
+             use -X {name}=@/path/to/file or put it in --kafka-config-file"
+        ));
+    }
+    Ok((name.to_owned(), value.to_owned()))
+}
+
+/// Reads a librdkafka properties file (`name=value` lines, `#` comments).
+pub fn read_properties_file(path: &std::path::Path) -> Result<Vec<(String, String)>, String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read the Kafka config file {}: {e}", path.display()))?;
+    let mut out = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let (n, v) =
+            line.split_once('=').ok_or_else(|| format!("{}:{}: expected name=value", path.display(), i + 1))?;
+        out.push((n.trim().to_owned(), v.trim().to_owned()));
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn properties_that_break_the_promise_are_refused() {
+        let s = |props: &[(&str, &str)]| ProducerSettings {
+            brokers: "x:1".into(),
+            message_timeout: Duration::from_secs(30),
+            properties: props.iter().map(|(a, b)| (a.to_string(), b.to_string())).collect(),
+        };
+        assert!(s(&[("acks", "1")]).client_config().is_err());
+        assert!(s(&[("enable.idempotence", "false")]).client_config().is_err());
+        assert!(s(&[("acks", "all"), ("compression.type", "zstd")]).client_config().is_ok());
+    }
+
+    #[test]
+    fn secrets_are_refused_on_the_command_line() {
+        assert!(parse_property("sasl.password=hunter2").unwrap_err().contains("@/path"));
+        assert!(!parse_property("sasl.password=hunter2").unwrap_err().contains("hunter2"));
+        assert_eq!(parse_property("linger.ms=10").unwrap(), ("linger.ms".into(), "10".into()));
+        assert!(parse_property("nonsense").is_err());
+    }
+}

@@ -1,0 +1,486 @@
+//! The relay daemon: tails the outbox and publishes every committed row to Kafka at least once,
+//! in per-key order.
+//!
+//! An instance owns lanes. Each owned lane has a database session of its own that holds the
+//! lane's advisory lock and runs every statement of that lane ([`claim::LaneSession`]); a lane loop
+//! ([`worker`]) reads the lane's head in sequence order, produces the batch pipelined, awaits the
+//! acknowledgements and deletes what was acknowledged. A coordinator (this module) heartbeats the
+//! instance in `relay_instances`, counts the live instances and takes or lets go of lanes so that
+//! each holds its fair share; a listener session turns NOTIFY into wake-ups.
+
+pub mod claim;
+pub mod envelope;
+pub mod kafka;
+pub(crate) mod worker;
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use rand::seq::SliceRandom;
+use rdkafka::producer::{FutureProducer, Producer};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio_postgres::Client;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use crate::db::{ConnectError, DbConfig};
+use crate::retry::Backoff;
+use crate::schema::{self, MigrateError, SchemaName};
+use claim::LaneSession;
+use kafka::{KafkaConfigError, ProducerSettings};
+use worker::LaneExit;
+
+/// Everything a relay instance is configured with.
+#[derive(Debug, Clone)]
+pub struct RelayConfig {
+    /// The database.
+    pub db: DbConfig,
+    /// The schema holding the outbox.
+    pub schema: SchemaName,
+    /// The Kafka producer.
+    pub producer: ProducerSettings,
+    /// Rows read and produced per batch.
+    pub batch_size: usize,
+    /// How often an idle lane looks for rows when no NOTIFY woke it.
+    pub poll_interval: Duration,
+    /// The most lanes this instance takes (default: its fair share).
+    pub max_lanes: Option<u16>,
+    /// How often the instance heartbeats and rebalances lanes.
+    pub heartbeat_interval: Duration,
+    /// An instance whose heartbeat is older than this counts as dead.
+    pub instance_timeout: Duration,
+    /// How long a graceful shutdown may take.
+    pub shutdown_timeout: Duration,
+    /// The CloudEvents `ce_source` (default `/outbox-relay/<schema>`).
+    pub source: Option<String>,
+    /// Prefix for every topic.
+    pub topic_prefix: String,
+    /// Topic renames applied before the prefix.
+    pub topic_map: HashMap<String, String>,
+    /// Move delivered rows to `delivered` instead of deleting them.
+    pub archive: bool,
+    /// How long archived rows (and remembered idempotency keys) are kept.
+    pub archive_retention: Duration,
+    /// Delays between delivery attempts of a row.
+    pub retry: Backoff,
+    /// How often archived rows and expired idempotency keys are pruned.
+    pub maintenance_interval: Duration,
+    /// This instance's id.
+    pub instance_id: Uuid,
+}
+
+impl RelayConfig {
+    /// A configuration with the documented defaults.
+    pub fn new(db: DbConfig, schema: SchemaName, brokers: impl Into<String>) -> Self {
+        Self {
+            db,
+            schema,
+            producer: ProducerSettings {
+                brokers: brokers.into(),
+                message_timeout: Duration::from_secs(30),
+                properties: Vec::new(),
+            },
+            batch_size: 1000,
+            poll_interval: Duration::from_secs(1),
+            max_lanes: None,
+            heartbeat_interval: Duration::from_secs(1),
+            instance_timeout: Duration::from_secs(5),
+            shutdown_timeout: Duration::from_secs(30),
+            source: None,
+            topic_prefix: String::new(),
+            topic_map: HashMap::new(),
+            archive: false,
+            archive_retention: Duration::from_secs(7 * 24 * 3600),
+            retry: Backoff { base: Duration::from_millis(200), cap: Duration::from_secs(60) },
+            maintenance_interval: Duration::from_secs(60),
+            instance_id: Uuid::now_v7(),
+        }
+    }
+
+    /// The Kafka topic a row written for `topic` goes to.
+    pub fn topic_for(&self, topic: &str) -> String {
+        let mapped = self.topic_map.get(topic).map(String::as_str).unwrap_or(topic);
+        format!("{}{mapped}", self.topic_prefix)
+    }
+}
+
+/// Why the relay stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum RelayError {
+    /// The database could not be reached at start.
+    #[error(transparent)]
+    Connect(#[from] ConnectError),
+    /// The schema is missing or at another version.
+    #[error(transparent)]
+    Schema(#[from] MigrateError),
+    /// The producer configuration is refused.
+    #[error(transparent)]
+    Kafka(#[from] KafkaConfigError),
+    /// A statement at start failed.
+    #[error("relay start-up failed: {0}")]
+    Startup(#[source] tokio_postgres::Error),
+}
+
+/// Counters of one run, for callers that embed the relay.
+#[derive(Debug, Default)]
+pub struct RelayStats {
+    /// Rows acknowledged by the broker and removed from the outbox.
+    pub delivered: AtomicU64,
+    /// Lanes taken over (including the first acquisitions).
+    pub lanes_acquired: AtomicU64,
+    /// Claim queries run (an idle relay runs few: it waits on NOTIFY).
+    pub claims: AtomicU64,
+    /// Archived rows and expired idempotency keys pruned.
+    pub pruned: AtomicU64,
+}
+
+/// What a lane loop shares with the others.
+pub(crate) struct Shared {
+    pub(crate) config: RelayConfig,
+    pub(crate) producer: FutureProducer,
+    pub(crate) wake: watch::Receiver<u64>,
+    pub(crate) source: String,
+    pub(crate) stats: Arc<RelayStats>,
+}
+
+struct OwnedLane {
+    stop: CancellationToken,
+    task: JoinHandle<LaneExit>,
+}
+
+/// Runs a relay instance until `shutdown` is cancelled, then shuts down gracefully: stops
+/// claiming, finishes in-flight batches, releases its lanes and deregisters, within
+/// `shutdown_timeout`.
+pub async fn run(config: RelayConfig, shutdown: CancellationToken) -> Result<Arc<RelayStats>, RelayError> {
+    run_with_stats(config, shutdown, Arc::new(RelayStats::default())).await
+}
+
+/// [`run`], counting into `stats` as it goes.
+pub async fn run_with_stats(
+    config: RelayConfig,
+    shutdown: CancellationToken,
+    stats: Arc<RelayStats>,
+) -> Result<Arc<RelayStats>, RelayError> {
+    let control = config.db.connect().await?;
+    let info = schema::check_installed(&control, &config.schema).await?;
+    let lock_class: i32 = control
+        .query_one("SELECT (hashtext('outbox-relay lanes ' || $1::text) & 2147483647)::int", &[&config.schema.as_str()])
+        .await
+        .map_err(RelayError::Startup)?
+        .get(0);
+    let producer = config.producer.create()?;
+    let (wake_tx, wake_rx) = watch::channel(0u64);
+    let listener_stop = CancellationToken::new();
+    let listener =
+        tokio::spawn(listen(config.db.clone(), config.schema.notify_channel(), wake_tx, listener_stop.clone()));
+    let source = config.source.clone().unwrap_or_else(|| format!("/outbox-relay/{}", config.schema));
+    let shared = Arc::new(Shared { config: config.clone(), producer, wake: wake_rx, source, stats: stats.clone() });
+    tracing::info!(instance = %config.instance_id, schema = %config.schema, lanes = info.lanes,
+        batch_size = config.batch_size, "relay started");
+
+    let mut coordinator = Coordinator {
+        shared: shared.clone(),
+        control: Some(control),
+        lock_class,
+        lanes_total: info.lanes,
+        owned: BTreeMap::new(),
+        registered: false,
+        next_maintenance: tokio::time::Instant::now() + config.maintenance_interval,
+    };
+    let mut tick = tokio::time::interval(config.heartbeat_interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = tick.tick() => coordinator.tick().await,
+        }
+    }
+
+    tracing::info!(instance = %config.instance_id, lanes = coordinator.owned.len(), "shutting down: finishing in-flight batches");
+    let graceful = tokio::time::timeout(config.shutdown_timeout, coordinator.release_all()).await;
+    if graceful.is_err() {
+        tracing::warn!(
+            timeout_ms = config.shutdown_timeout.as_millis() as u64,
+            "shutdown deadline passed with batches in flight; their rows stay in the outbox and are delivered again"
+        );
+    }
+    coordinator.deregister().await;
+    listener_stop.cancel();
+    let _ = listener.await;
+    let in_flight = shared.producer.in_flight_count();
+    if in_flight > 0 {
+        let _ = shared.producer.flush(Duration::from_secs(5));
+    }
+    tracing::info!(instance = %config.instance_id, delivered = stats.delivered.load(Ordering::Relaxed), "relay stopped");
+    Ok(stats)
+}
+
+struct Coordinator {
+    shared: Arc<Shared>,
+    control: Option<Client>,
+    lock_class: i32,
+    lanes_total: u16,
+    owned: BTreeMap<i16, OwnedLane>,
+    registered: bool,
+    next_maintenance: tokio::time::Instant,
+}
+
+impl Coordinator {
+    fn config(&self) -> &RelayConfig {
+        &self.shared.config
+    }
+
+    async fn control(&mut self) -> Option<&Client> {
+        if self.control.as_ref().is_some_and(|c| c.is_closed()) {
+            self.control = None;
+        }
+        if self.control.is_none() {
+            match self.config().db.connect().await {
+                Ok(c) => self.control = Some(c),
+                Err(e) => {
+                    tracing::warn!(error = %e, "control session unavailable; lanes keep running, rebalancing waits");
+                    return None;
+                }
+            }
+        }
+        self.control.as_ref()
+    }
+
+    async fn tick(&mut self) {
+        self.reap().await;
+        let live = match self.heartbeat().await {
+            Ok(n) => n,
+            Err(e) => {
+                tracing::warn!(error = %e, "heartbeat failed; will retry");
+                self.control = None;
+                return;
+            }
+        };
+        // The first heartbeat only registers, so instances starting together see each other
+        // before taking lanes.
+        if !self.registered {
+            self.registered = true;
+            return;
+        }
+        if tokio::time::Instant::now() >= self.next_maintenance {
+            self.next_maintenance = tokio::time::Instant::now() + self.config().maintenance_interval;
+            if let Err(e) = self.prune().await {
+                tracing::warn!(error = %e, "pruning the archive and expired idempotency keys failed; will retry");
+            }
+        }
+        let fair = (self.lanes_total as usize).div_ceil(live.max(1) as usize);
+        let target = self.config().max_lanes.map_or(fair, |m| fair.min(m as usize));
+        if self.owned.len() > target {
+            self.release_extra(target).await;
+        } else if self.owned.len() < target {
+            if let Err(e) = self.acquire(target).await {
+                tracing::warn!(error = %e, "taking lanes failed; will retry");
+            }
+        }
+    }
+
+    async fn reap(&mut self) {
+        let finished: Vec<i16> = self.owned.iter().filter(|(_, l)| l.task.is_finished()).map(|(k, _)| *k).collect();
+        for lane in finished {
+            let owned = self.owned.remove(&lane).expect("listed");
+            match owned.task.await {
+                Ok(LaneExit::Released) => {}
+                Ok(LaneExit::SessionLost(why)) => {
+                    tracing::warn!(lane, reason = %why, "lane session lost; delivery for the lane stopped, will try to take it again")
+                }
+                Err(e) => tracing::error!(lane, error = %e, "lane task failed"),
+            }
+        }
+    }
+
+    async fn heartbeat(&mut self) -> Result<i64, tokio_postgres::Error> {
+        let lanes: Vec<i16> = self.owned.keys().copied().collect();
+        let id = self.config().instance_id;
+        let timeout_ms = self.config().instance_timeout.as_millis() as i64;
+        let schema = self.config().schema.clone();
+        let host = hostname();
+        let Some(control) = self.control().await else { return Ok(1) };
+        control
+            .execute(
+                &schema.qualify(
+                    "INSERT INTO __SCHEMA__.relay_instances (instance_id, hostname, pid, version, lanes)
+                     VALUES ($1, $2, $3, $4, $5)
+                     ON CONFLICT (instance_id) DO UPDATE SET heartbeat_at = now(), lanes = EXCLUDED.lanes",
+                ),
+                &[&id, &host, &(std::process::id() as i32), &env!("CARGO_PKG_VERSION"), &lanes],
+            )
+            .await?;
+        // Rows of instances gone for long are removed, so `status` shows the living.
+        control
+            .execute(
+                &schema.qualify(
+                    "DELETE FROM __SCHEMA__.relay_instances
+                     WHERE heartbeat_at < now() - ($1::bigint * 3) * interval '1 millisecond'",
+                ),
+                &[&timeout_ms],
+            )
+            .await?;
+        let live: i64 = control
+            .query_one(
+                &schema.qualify(
+                    "SELECT count(*) FROM __SCHEMA__.relay_instances
+                     WHERE heartbeat_at > now() - $1::bigint * interval '1 millisecond' OR instance_id = $2",
+                ),
+                &[&timeout_ms, &id],
+            )
+            .await?
+            .get(0);
+        Ok(live)
+    }
+
+    async fn acquire(&mut self, target: usize) -> Result<(), tokio_postgres::Error> {
+        let lock_class = self.lock_class;
+        let Some(control) = self.control().await else { return Ok(()) };
+        let taken: Vec<i32> = control
+            .query(
+                "SELECT objid::bigint::int FROM pg_locks
+                 WHERE locktype = 'advisory' AND granted AND objsubid = 2
+                   AND database = (SELECT oid FROM pg_database WHERE datname = current_database())
+                   AND classid = $1::bigint::oid",
+                &[&i64::from(lock_class)],
+            )
+            .await?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        let mut free: Vec<i16> = (0..self.lanes_total as i16)
+            .filter(|l| !taken.contains(&i32::from(*l)) && !self.owned.contains_key(l))
+            .collect();
+        // Instances racing for the same free lanes start at different places.
+        free.shuffle(&mut rand::rng());
+        for lane in free {
+            if self.owned.len() >= target {
+                break;
+            }
+            let cfg = &self.shared.config;
+            // The session names its instance and lane, so operators (and pg_stat_activity) see who holds what.
+            let db = cfg.db.clone().with_application_name(&format!("outbox-relay {} lane {lane}", cfg.instance_id));
+            match LaneSession::try_acquire(&db, &cfg.schema, lock_class, lane, cfg.archive).await {
+                Ok(Some(session)) => {
+                    let stop = CancellationToken::new();
+                    let task = tokio::spawn(worker::run_lane(self.shared.clone(), lane, session, stop.clone()));
+                    self.owned.insert(lane, OwnedLane { stop, task });
+                    self.shared.stats.lanes_acquired.fetch_add(1, Ordering::Relaxed);
+                    tracing::info!(lane, instance = %cfg.instance_id, "lane acquired");
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::warn!(lane, error = %e, "could not open a session for a lane; will retry");
+                    break;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Deletes archived rows past retention and idempotency keys past their window, in chunks so
+    /// that no statement holds locks for long. Any instance may do it; doing it twice is harmless.
+    async fn prune(&mut self) -> Result<(), tokio_postgres::Error> {
+        const CHUNK: i64 = 10_000;
+        let schema = self.config().schema.clone();
+        let archive = self.config().archive;
+        let retention_s = self.config().archive_retention.as_secs() as i64;
+        let stats = self.shared.stats.clone();
+        let Some(control) = self.control().await else { return Ok(()) };
+        let mut pruned = 0u64;
+        if archive {
+            let sql = schema.qualify(include_str!("../sql/prune_archive.sql"));
+            loop {
+                let n = control.execute(&sql, &[&retention_s, &CHUNK]).await?;
+                pruned += n;
+                if n < CHUNK as u64 {
+                    break;
+                }
+            }
+        }
+        let sql = schema.qualify(include_str!("../sql/prune_idempotency_keys.sql"));
+        loop {
+            let n = control.execute(&sql, &[&CHUNK]).await?;
+            pruned += n;
+            if n < CHUNK as u64 {
+                break;
+            }
+        }
+        if pruned > 0 {
+            tracing::info!(pruned, "pruned archived rows and expired idempotency keys");
+        }
+        stats.pruned.fetch_add(pruned, Ordering::Relaxed);
+        Ok(())
+    }
+
+    async fn release_extra(&mut self, target: usize) {
+        while self.owned.len() > target {
+            let (lane, owned) = self.owned.pop_last().expect("more than target");
+            owned.stop.cancel();
+            let _ = owned.task.await;
+            tracing::info!(lane, instance = %self.shared.config.instance_id, "lane released to balance instances");
+        }
+    }
+
+    async fn release_all(&mut self) {
+        for owned in self.owned.values() {
+            owned.stop.cancel();
+        }
+        while let Some((lane, owned)) = self.owned.pop_first() {
+            let _ = owned.task.await;
+            tracing::debug!(lane, "lane released");
+        }
+    }
+
+    async fn deregister(&mut self) {
+        let id = self.config().instance_id;
+        let sql = self.config().schema.qualify("DELETE FROM __SCHEMA__.relay_instances WHERE instance_id = $1");
+        if let Some(control) = self.control().await {
+            if let Err(e) = control.execute(&sql, &[&id]).await {
+                tracing::warn!(error = %e, "could not deregister; the row expires by itself");
+            }
+        }
+    }
+}
+
+/// Turns NOTIFYs on the outbox's channel into wake-ups; reconnects with capped, jittered backoff.
+async fn listen(db: DbConfig, channel: String, wake: watch::Sender<u64>, stop: CancellationToken) {
+    let backoff = Backoff { base: Duration::from_millis(200), cap: Duration::from_secs(10) };
+    let mut attempt = 0u32;
+    loop {
+        match db.listen(&channel).await {
+            Ok((_client, mut notes)) => {
+                attempt = 0;
+                // Rows may have come while no one listened.
+                wake.send_modify(|v| *v += 1);
+                loop {
+                    tokio::select! {
+                        _ = stop.cancelled() => return,
+                        n = notes.recv() => match n {
+                            Some(()) => wake.send_modify(|v| *v += 1),
+                            None => break,
+                        }
+                    }
+                }
+                tracing::warn!("the LISTEN session closed; lanes fall back to polling until it is back");
+            }
+            Err(e) => tracing::warn!(error = %e, "could not LISTEN for new rows; lanes poll meanwhile"),
+        }
+        let delay = backoff.delay(attempt);
+        attempt = attempt.saturating_add(1);
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(delay) => {}
+        }
+    }
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_owned())
+        .or_else(|_| std::env::var("HOSTNAME"))
+        .unwrap_or_else(|_| "unknown".to_owned())
+}

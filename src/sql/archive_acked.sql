@@ -1,0 +1,12 @@
+WITH acked AS (
+    SELECT * FROM unnest($2::bigint[], $3::text[], $4::int[], $5::bigint[]) AS a(seq, kafka_topic, kafka_partition, kafka_offset)
+), gone AS (
+    DELETE FROM __SCHEMA__.messages m
+    USING acked a
+    WHERE m.lane = $1 AND m.seq = a.seq
+    RETURNING m.id, m.seq, m.lane, m.topic, m.key, m.created_at, m.attempts, a.kafka_topic, a.kafka_partition, a.kafka_offset
+)
+INSERT INTO __SCHEMA__.delivered
+    (id, seq, lane, topic, key, created_at, attempts, kafka_topic, kafka_partition, kafka_offset)
+SELECT id, seq, lane, topic, key, created_at, attempts + 1, kafka_topic, kafka_partition, kafka_offset
+FROM gone

@@ -1,0 +1,469 @@
+//! The relay against PostgreSQL and the broker: at-least-once, per-key order, restarts,
+//! several instances, the commit-order gap, idle behaviour.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use outbox_relay::outbox::{Outbox, OutboxMessage};
+use rand::Rng;
+use uuid::Uuid;
+
+use crate::support::kafka::{create_topic, figures, read_topic};
+use crate::support::relay::{config, InProcess, RelayProcess};
+use crate::support::{connect, count, TestSchema};
+
+/// Writes `per_writer` rows from each of `writers` concurrent writers, in transactions of 1 to
+/// 40 rows; each writer owns its keys (`w<n>-k<m>`), as a business entity's row lock would make
+/// it. Returns (id, key) per writer in write order, concatenated.
+async fn write_concurrently(s: &TestSchema, topic: &str, writers: usize, per_writer: usize) -> Vec<(Uuid, String)> {
+    write_paced(s, topic, writers, per_writer, Duration::ZERO).await
+}
+
+/// [`write_concurrently`] with a pause after each transaction, to spread writes over time.
+async fn write_paced(
+    s: &TestSchema,
+    topic: &str,
+    writers: usize,
+    per_writer: usize,
+    pause: Duration,
+) -> Vec<(Uuid, String)> {
+    let mut tasks = Vec::new();
+    for w in 0..writers {
+        let outbox = Outbox::new(s.name.clone());
+        let topic = topic.to_owned();
+        tasks.push(tokio::spawn(async move {
+            let mut client = connect().await;
+            let mut written = Vec::with_capacity(per_writer);
+            let mut n = 0;
+            while n < per_writer {
+                let size = rand::rng().random_range(1..=40).min(per_writer - n);
+                let batch: Vec<OutboxMessage> = (n..n + size)
+                    .map(|i| {
+                        OutboxMessage::builder(topic.as_str())
+                            .key(format!("w{w}-k{}", i % 25))
+                            .json(&serde_json::json!({ "writer": w, "n": i }))
+                            .build()
+                            .unwrap()
+                    })
+                    .collect();
+                let tx = client.transaction().await.unwrap();
+                let ids = outbox.enqueue_batch(&tx, &batch).await.unwrap();
+                tx.commit().await.unwrap();
+                for (id, m) in ids.into_iter().zip(&batch) {
+                    written.push((id, m.key().unwrap().to_owned()));
+                }
+                n += size;
+                if !pause.is_zero() {
+                    tokio::time::sleep(pause).await;
+                }
+            }
+            written
+        }));
+    }
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await.unwrap());
+    }
+    all
+}
+
+async fn wait_until_empty(s: &TestSchema, within: Duration) -> Duration {
+    let c = connect().await;
+    let start = Instant::now();
+    loop {
+        let left = count(&c, &s.q("SELECT count(*) FROM __SCHEMA__.messages")).await;
+        if left == 0 {
+            return start.elapsed();
+        }
+        assert!(start.elapsed() < within, "{left} rows still in the outbox after {within:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rows_from_8_concurrent_writers_all_arrive_in_key_order() {
+    let s = TestSchema::new(16).await;
+    let topic = create_topic("relay-8w", 4).await;
+    let relay = InProcess::start(config(&s.name));
+    let committed = write_concurrently(&s, &topic, 8, 50_000 / 8).await;
+    wait_until_empty(&s, Duration::from_secs(180)).await;
+    let stats = relay.shutdown().await;
+
+    let received = read_topic(&topic, committed.len(), Duration::from_secs(120));
+    let f = figures(&committed, &received);
+    println!("figures: {f:?}");
+    assert_eq!(f.committed, 50_000);
+    assert_eq!(f.distinct, 50_000, "distinct ids at Kafka = rows committed");
+    assert_eq!(f.lost, 0);
+    assert_eq!(f.order_violations, 0, "per key, first arrivals follow sequence order");
+    assert_eq!(f.duplicates, 0, "no failures, no restarts: no duplicates");
+    assert_eq!(stats.delivered.load(Ordering::Relaxed), 50_000);
+
+    // The envelope: CloudEvents binary mode.
+    let r = &received[0];
+    assert_eq!(r.headers["ce_specversion"], "1.0");
+    assert_eq!(r.headers["ce_id"], r.id.to_string());
+    assert_eq!(r.headers["content-type"], "application/json");
+    assert_eq!(r.headers["ce_source"], format!("/outbox-relay/{}", s.name));
+    assert_eq!(r.headers["ce_type"], topic);
+    assert!(r.headers["ce_time"].ends_with('Z'));
+}
+
+/// Records in a topic so far (high watermarks summed).
+fn received_count(topic: &str) -> i64 {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let consumer: BaseConsumer =
+        rdkafka::ClientConfig::new().set("bootstrap.servers", crate::support::kafka_brokers()).create().unwrap();
+    let md = consumer.fetch_metadata(Some(topic), Duration::from_secs(10)).unwrap();
+    md.topics()[0]
+        .partitions()
+        .iter()
+        .map(|p| consumer.fetch_watermarks(topic, p.id(), Duration::from_secs(10)).map(|(lo, hi)| hi - lo).unwrap_or(0))
+        .sum()
+}
+
+/// Who holds which lane right now: lane -> application names of the sessions holding its lock.
+async fn lane_holders(c: &tokio_postgres::Client, s: &TestSchema) -> HashMap<i32, Vec<String>> {
+    let rows = c
+        .query(
+            "SELECT l.objid::bigint::int, coalesce(a.application_name, '')
+             FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
+             WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 2
+               AND l.classid = ((hashtext('outbox-relay lanes ' || $1::text) & 2147483647)::bigint)::oid",
+            &[&s.name.as_str()],
+        )
+        .await
+        .unwrap();
+    let mut out: HashMap<i32, Vec<String>> = HashMap::new();
+    for r in rows {
+        out.entry(r.get(0)).or_default().push(r.get(1));
+    }
+    out
+}
+
+fn instance_of(application_name: &str) -> String {
+    application_name.split_whitespace().nth(1).unwrap_or("?").to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn committed_rows_survive_relay_kill_9_at_random_moments() {
+    const KILLS: usize = 10;
+    const BATCH: usize = 200;
+    let s = TestSchema::new(8).await;
+    let topic = create_topic("relay-kill", 4).await;
+    let schema = s.name.clone();
+    let topic_w = topic.clone();
+    let s_ref = Arc::new(s);
+    let writer_schema = s_ref.clone();
+    // Writers keep committing (about 900 rows/s) while the relay is killed and restarted.
+    let writers =
+        tokio::spawn(async move { write_paced(&writer_schema, &topic_w, 4, 5_000, Duration::from_millis(90)).await });
+
+    let mut max_backlog = 0;
+    let c = connect().await;
+    for kill in 0..KILLS {
+        let mut relay = RelayProcess::start(&schema, &["--batch-size", &BATCH.to_string()]);
+        let alive_ms = rand::rng().random_range(700..2_500);
+        tokio::time::sleep(Duration::from_millis(alive_ms)).await;
+        max_backlog = max_backlog.max(count(&c, &s_ref.q("SELECT count(*) FROM __SCHEMA__.messages")).await);
+        relay.kill9();
+        let delivered_so_far = received_count(&topic);
+        println!(
+            "kill {}: relay pid {} killed after {alive_ms} ms; records at Kafka so far {delivered_so_far}",
+            kill + 1,
+            relay.pid()
+        );
+        // A backlog builds while no relay runs, so the next one starts busy.
+        tokio::time::sleep(Duration::from_millis(rand::rng().random_range(200..1_000))).await;
+    }
+    let committed = writers.await.unwrap();
+    let mut relay = RelayProcess::start(&schema, &["--batch-size", &BATCH.to_string()]);
+    let recovery = wait_until_empty(&s_ref, Duration::from_secs(180)).await;
+    assert_eq!(relay.terminate(Duration::from_secs(30)), Some(0));
+
+    let received = read_topic(&topic, committed.len(), Duration::from_secs(120));
+    let f = figures(&committed, &received);
+    // Each kill can leave at most every lane's in-flight batch acknowledged but not deleted.
+    let bound = KILLS * 8 * BATCH;
+    println!(
+        "figures: rows committed {}, distinct ids at Kafka {}, duplicates {} (bound {bound}), rows lost {}, \
+         order violations {}, max backlog {max_backlog}, final drain {recovery:?}",
+        f.committed, f.distinct, f.duplicates, f.lost, f.order_violations
+    );
+    assert_eq!(f.committed, 20_000);
+    assert_eq!(f.lost, 0, "rows lost");
+    assert_eq!(f.distinct, f.committed);
+    assert!(f.duplicates <= bound, "duplicates {} above what was in flight ({bound})", f.duplicates);
+    assert_eq!(f.order_violations, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_instances_share_lanes_and_take_over_a_killed_ones() {
+    const LANES: u16 = 12;
+    const BATCH: usize = 200;
+    let s = Arc::new(TestSchema::new(LANES).await);
+    let topic = create_topic("relay-3i", 4).await;
+    let args = ["--batch-size", "200"];
+    let mut relays: Vec<RelayProcess> = (0..3).map(|_| RelayProcess::start(&s.name, &args)).collect();
+
+    // Sample lane ownership all along: never two holders for one lane.
+    let sampling = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let sampler = {
+        let (s, sampling) = (s.clone(), sampling.clone());
+        tokio::spawn(async move {
+            let c = connect().await;
+            let (mut samples, mut double) = (0, 0);
+            while sampling.load(Ordering::Relaxed) {
+                for holders in lane_holders(&c, &s).await.values() {
+                    if holders.len() > 1 {
+                        double += 1;
+                    }
+                }
+                samples += 1;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            (samples, double)
+        })
+    };
+
+    let c = connect().await;
+    // Wait until the three share the lanes evenly (4 each).
+    let start = Instant::now();
+    let spread = loop {
+        let holders = lane_holders(&c, &s).await;
+        let mut per: HashMap<String, usize> = HashMap::new();
+        for h in holders.values() {
+            *per.entry(instance_of(&h[0])).or_default() += 1;
+        }
+        if holders.len() == LANES as usize && per.len() == 3 && per.values().all(|n| *n == 4) {
+            break per;
+        }
+        assert!(start.elapsed() < Duration::from_secs(30), "lanes not spread over 3 instances: {per:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    println!("spread over 3 instances: {spread:?} after {:?}", start.elapsed());
+
+    let topic_w = topic.clone();
+    let sw = s.clone();
+    let writers = tokio::spawn(async move { write_concurrently(&sw, &topic_w, 4, 5_000).await });
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let victim_pid = relays[1].pid();
+    relays[1].kill9();
+    let killed_at = Instant::now();
+    // The survivors take the dead one's lanes: all lanes held, by two instances, 6 each.
+    let takeover = loop {
+        let holders = lane_holders(&c, &s).await;
+        let mut per: HashMap<String, usize> = HashMap::new();
+        for h in holders.values() {
+            *per.entry(instance_of(&h[0])).or_default() += 1;
+        }
+        if holders.len() == LANES as usize && per.len() == 2 && per.values().all(|n| *n == 6) {
+            break killed_at.elapsed();
+        }
+        assert!(killed_at.elapsed() < Duration::from_secs(30), "lanes of the killed instance not taken over: {per:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let committed = writers.await.unwrap();
+    wait_until_empty(&s, Duration::from_secs(180)).await;
+    sampling.store(false, Ordering::Relaxed);
+    let (samples, double) = sampler.await.unwrap();
+    for (i, r) in relays.iter_mut().enumerate() {
+        if i != 1 {
+            assert_eq!(r.terminate(Duration::from_secs(30)), Some(0));
+        }
+    }
+
+    let received = read_topic(&topic, committed.len(), Duration::from_secs(120));
+    let f = figures(&committed, &received);
+    let bound = (LANES as usize / 3) * BATCH;
+    println!(
+        "figures: killed pid {victim_pid}; takeover {takeover:?}; ownership samples {samples}, lanes with two holders {double}; \
+         committed {}, distinct {}, duplicates {} (bound {bound}), lost {}, order violations {}",
+        f.committed, f.distinct, f.duplicates, f.lost, f.order_violations
+    );
+    assert!(samples > 10);
+    assert_eq!(double, 0, "a lane had two holders");
+    assert_eq!(f.lost, 0);
+    assert_eq!(f.distinct, f.committed);
+    assert!(f.duplicates <= bound, "duplicates {} above the killed instance's in-flight bound {bound}", f.duplicates);
+    assert_eq!(f.order_violations, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_row_committed_after_later_rows_is_still_delivered() {
+    // One lane, so the late row and the others share a lane head.
+    let s = TestSchema::new(1).await;
+    let topic = create_topic("relay-gap", 1).await;
+    let relay = InProcess::start(config(&s.name));
+    let outbox = Outbox::new(s.name.clone());
+    let msg = |k: &str| OutboxMessage::builder(topic.as_str()).key(k).payload(b"x".to_vec()).build().unwrap();
+
+    let mut slow = connect().await;
+    let slow_tx = slow.transaction().await.unwrap();
+    let late_id = outbox.enqueue(&slow_tx, &msg("late-key")).await.unwrap(); // takes the lowest seq
+
+    let mut fast = connect().await;
+    let mut committed = vec![];
+    for i in 0..200 {
+        let tx = fast.transaction().await.unwrap();
+        let id = outbox.enqueue(&tx, &msg(&format!("k{}", i % 7))).await.unwrap();
+        tx.commit().await.unwrap();
+        committed.push((id, format!("k{}", i % 7)));
+    }
+    // The later rows go out while the early one is still uncommitted.
+    wait_until_empty(&s, Duration::from_secs(60)).await;
+    let before = read_topic(&topic, 200, Duration::from_secs(60));
+    assert!(!before.iter().any(|r| r.id == late_id));
+    slow_tx.commit().await.unwrap();
+    committed.push((late_id, "late-key".into()));
+    wait_until_empty(&s, Duration::from_secs(60)).await;
+    relay.shutdown().await;
+
+    let received = read_topic(&topic, committed.len(), Duration::from_secs(60));
+    let f = figures(&committed, &received);
+    println!("figures: {f:?}");
+    assert!(received.iter().any(|r| r.id == late_id), "the late-committing row was skipped");
+    assert_eq!(f.lost, 0);
+    assert_eq!(f.distinct, 201);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_relay_waits_on_notify_and_sends_new_rows_promptly() {
+    let s = TestSchema::new(4).await;
+    let topic = create_topic("relay-idle", 1).await;
+    let mut cfg = config(&s.name);
+    cfg.poll_interval = Duration::from_secs(600); // only NOTIFY can wake it in this test
+    let relay = InProcess::start(cfg);
+    // Let it take its lanes and settle.
+    let c = connect().await;
+    let start = Instant::now();
+    while relay.stats.lanes_acquired.load(Ordering::Relaxed) < 4 {
+        assert!(start.elapsed() < Duration::from_secs(20), "lanes not acquired");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let claims_before = relay.stats.claims.load(Ordering::Relaxed);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let idle_claims = relay.stats.claims.load(Ordering::Relaxed) - claims_before;
+
+    let written_at = Instant::now();
+    let id: Uuid = c.query_one(&s.q("SELECT __SCHEMA__.enqueue($1, 'k', '\\x01')"), &[&topic]).await.unwrap().get(0);
+    let received = read_topic(&topic, 1, Duration::from_secs(60));
+    let latency = written_at.elapsed();
+    relay.shutdown().await;
+    println!(
+        "figures: claims in 3 s idle = {idle_claims}; commit-to-consumer with a 600 s poll interval = {latency:?}"
+    );
+    assert!(idle_claims <= 4, "an idle relay ran {idle_claims} claims in 3 s: a busy loop");
+    assert_eq!(received.len(), 1);
+    assert_eq!(received[0].id, id);
+    // With a 600 s poll interval, only the NOTIFY explains an arrival within a minute.
+    assert!(latency < Duration::from_secs(60));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_finishes_in_flight_batches_and_exits_0() {
+    let s = Arc::new(TestSchema::new(4).await);
+    let topic = create_topic("relay-term", 2).await;
+    let mut relay = RelayProcess::start(&s.name, &["--batch-size", "100"]);
+    let (sw, tw) = (s.clone(), topic.clone());
+    let writers = tokio::spawn(async move { write_concurrently(&sw, &tw, 2, 3_000).await });
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let code = relay.terminate(Duration::from_secs(30));
+    assert_eq!(code, Some(0), "graceful shutdown exits 0");
+    let c = connect().await;
+    assert_eq!(count(&c, &s.q("SELECT count(*) FROM __SCHEMA__.relay_instances")).await, 0, "deregistered");
+    assert!(lane_holders(&c, &s).await.is_empty(), "lanes released");
+
+    let committed = writers.await.unwrap();
+    let relay2 = InProcess::start(config(&s.name));
+    wait_until_empty(&s, Duration::from_secs(120)).await;
+    relay2.shutdown().await;
+    let received = read_topic(&topic, committed.len(), Duration::from_secs(60));
+    let f = figures(&committed, &received);
+    println!("figures: {f:?}");
+    assert_eq!(f.lost, 0);
+    assert_eq!(f.duplicates, 0, "a graceful stop deletes what it delivered: nothing is sent twice");
+    assert_eq!(f.order_violations, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relay_runs_under_a_role_with_only_the_documented_grants() {
+    let s = TestSchema::new(4).await;
+    let topic = create_topic("relay-role", 1).await;
+    let admin = connect().await;
+    let role = format!("relay_{}", s.name.as_str());
+    admin.batch_execute(&format!("CREATE ROLE \"{role}\" LOGIN")).await.unwrap();
+    let grants = outbox_relay::schema::grants_sql(&s.name, &role, outbox_relay::schema::GrantsFor::Relay);
+    admin.batch_execute(&grants).await.unwrap();
+
+    for i in 0..300 {
+        admin
+            .execute(&s.q("SELECT __SCHEMA__.enqueue($1, $2, '\\x01')"), &[&topic, &format!("k{}", i % 5)])
+            .await
+            .unwrap();
+    }
+    let url = crate::support::database_url().replacen("postgres://postgres@", &format!("postgres://{role}@"), 1);
+    let mut cfg = config(&s.name);
+    cfg.db = outbox_relay::db::DbConfig::parse(&url).unwrap();
+    cfg.archive = true;
+    let relay = InProcess::start(cfg);
+    let waited = wait_until_empty(&s, Duration::from_secs(60)).await;
+    let stats = relay.shutdown().await;
+    let archived = count(&admin, &s.q("SELECT count(*) FROM __SCHEMA__.delivered")).await;
+    // The role cannot write outbox rows itself: it has no INSERT on messages.
+    let as_role = outbox_relay::db::DbConfig::parse(&url).unwrap().connect().await.unwrap();
+    let denied = as_role.execute(&s.q("SELECT __SCHEMA__.enqueue('t', 'k', '\\x01')"), &[]).await;
+    admin.batch_execute(&format!("DROP OWNED BY \"{role}\"; DROP ROLE \"{role}\"")).await.ok();
+    println!(
+        "figures: delivered {} as role {role} in {waited:?}, archived {archived}",
+        stats.delivered.load(Ordering::Relaxed)
+    );
+    assert_eq!(stats.delivered.load(Ordering::Relaxed), 300);
+    assert_eq!(archived, 300, "every delivered row archived with its partition and offset");
+    assert!(denied.is_err(), "the relay role holds only what the relay needs");
+    let received = read_topic(&topic, 300, Duration::from_secs(60));
+    let distinct: HashSet<Uuid> = received.iter().map(|r| r.id).collect();
+    assert_eq!(distinct.len(), 300);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn archive_and_idempotency_keys_are_pruned_by_age() {
+    let s = TestSchema::new(2).await;
+    let topic = create_topic("relay-prune", 1).await;
+    let c = connect().await;
+    for i in 0..50 {
+        c.execute(
+            &s.q("SELECT __SCHEMA__.enqueue($1, 'k', '\\x01', idempotency_key => $2)"),
+            &[&topic, &format!("req-{i}")],
+        )
+        .await
+        .unwrap();
+    }
+    let mut cfg = config(&s.name);
+    cfg.archive = true;
+    cfg.archive_retention = Duration::from_secs(3600);
+    cfg.maintenance_interval = Duration::from_millis(300);
+    let relay = InProcess::start(cfg);
+    wait_until_empty(&s, Duration::from_secs(60)).await;
+    // Age half of the archive and of the keys past their windows.
+    c.batch_execute(&s.q("UPDATE __SCHEMA__.delivered SET delivered_at = now() - interval '2 hours'
+           WHERE seq IN (SELECT seq FROM __SCHEMA__.delivered ORDER BY seq LIMIT 25);
+         UPDATE __SCHEMA__.idempotency_keys SET created_at = now() - interval '8 days'
+           WHERE id IN (SELECT id FROM __SCHEMA__.idempotency_keys LIMIT 20);"))
+        .await
+        .unwrap();
+    let start = Instant::now();
+    while relay.stats.pruned.load(Ordering::Relaxed) < 45 {
+        assert!(start.elapsed() < Duration::from_secs(30), "pruned {}", relay.stats.pruned.load(Ordering::Relaxed));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    relay.shutdown().await;
+    let archive_left = count(&c, &s.q("SELECT count(*) FROM __SCHEMA__.delivered")).await;
+    let keys_left = count(&c, &s.q("SELECT count(*) FROM __SCHEMA__.idempotency_keys")).await;
+    println!("figures: archive 50 -> {archive_left}, idempotency keys 50 -> {keys_left}");
+    assert_eq!(archive_left, 25, "only rows past the retention are pruned");
+    assert_eq!(keys_left, 30, "only keys past the idempotency window are pruned");
+}
