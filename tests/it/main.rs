@@ -9,4 +9,5 @@ mod support;
 
 mod migrate;
 mod relay;
+mod tls;
 mod writer;

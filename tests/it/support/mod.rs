@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod kafka;
+pub mod pg_tls;
 pub mod proxy;
 pub mod relay;
 

@@ -1,0 +1,134 @@
+//! A second, throwaway PostgreSQL server that accepts TLS only, with a CA and a server
+//! certificate made for the test (the certificate names `localhost` only).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use super::unique_name;
+
+pub struct TlsPostgres {
+    pub dir: PathBuf,
+    pub port: u16,
+    pub ca: PathBuf,
+    pub other_ca: PathBuf,
+    bin: PathBuf,
+}
+
+fn run(cmd: &mut Command) {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    assert!(out.status.success(), "{cmd:?}: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+fn is_root() -> bool {
+    std::fs::metadata("/proc/self").map(|m| std::os::unix::fs::MetadataExt::uid(&m) == 0).unwrap_or(false)
+}
+
+/// Runs a PostgreSQL binary, as the `postgres` user when the tests run as root.
+fn pg(bin: &Path, tool: &str) -> Command {
+    if is_root() {
+        let mut c = Command::new("runuser");
+        c.args(["-u", "postgres", "--"]).arg(bin.join(tool));
+        c
+    } else {
+        Command::new(bin.join(tool))
+    }
+}
+
+fn make_ca(dir: &Path, name: &str) -> (PathBuf, PathBuf) {
+    let key = dir.join(format!("{name}.key"));
+    let crt = dir.join(format!("{name}.pem"));
+    run(Command::new("openssl")
+        .args(["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj"])
+        .arg(format!("/CN={name}"))
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&crt));
+    (key, crt)
+}
+
+impl TlsPostgres {
+    pub fn start() -> Self {
+        let pg_ctl = std::env::var("OUTBOX_TEST_PG_CTL")
+            .expect("OUTBOX_TEST_PG_CTL is not set: run the tests with `bash scripts/test.sh`");
+        let bin = Path::new(&pg_ctl).parent().unwrap().to_path_buf();
+        let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(unique_name("tls-pg"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (ca_key, ca) = make_ca(&dir, "test-ca");
+        let (_, other_ca) = make_ca(&dir, "other-ca");
+        let (key, csr, crt, ext) =
+            (dir.join("server.key"), dir.join("server.csr"), dir.join("server.crt"), dir.join("san.ext"));
+        std::fs::write(&ext, "subjectAltName=DNS:localhost\n").unwrap();
+        run(Command::new("openssl")
+            .args(["req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=localhost", "-keyout"])
+            .arg(&key)
+            .arg("-out")
+            .arg(&csr));
+        run(Command::new("openssl")
+            .args(["x509", "-req", "-days", "2", "-in"])
+            .arg(&csr)
+            .arg("-CA")
+            .arg(&ca)
+            .arg("-CAkey")
+            .arg(&ca_key)
+            .arg("-CAcreateserial")
+            .arg("-extfile")
+            .arg(&ext)
+            .arg("-out")
+            .arg(&crt));
+        let data = dir.join("data");
+        if is_root() {
+            run(Command::new("chown").args(["-R", "postgres"]).arg(&dir));
+            // Every folder above must be traversable by the postgres user.
+            let mut p = dir.parent();
+            while let Some(d) = p {
+                let _ = Command::new("chmod").arg("o+x").arg(d).status();
+                p = d.parent();
+            }
+        }
+        run(pg(&bin, "initdb").arg("-D").arg(&data).args([
+            "-U",
+            "postgres",
+            "--auth=trust",
+            "-E",
+            "UTF8",
+            "--no-locale",
+        ]));
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let conf = format!(
+            "listen_addresses = '127.0.0.1'\nport = {port}\nunix_socket_directories = '{}'\nssl = on\nssl_cert_file = '{}'\nssl_key_file = '{}'\nfsync = off\n",
+            dir.display(), crt.display(), key.display()
+        );
+        let mut c = std::fs::read_to_string(data.join("postgresql.conf")).unwrap();
+        c.push_str(&conf);
+        std::fs::write(data.join("postgresql.conf"), c).unwrap();
+        // TLS or nothing.
+        std::fs::write(
+            data.join("pg_hba.conf"),
+            "local all all trust\nhostssl all all 127.0.0.1/32 trust\nhost all all 127.0.0.1/32 reject\n",
+        )
+        .unwrap();
+        if is_root() {
+            run(Command::new("chown").args(["-R", "postgres"]).arg(&dir));
+            run(Command::new("chmod").arg("600").arg(&key));
+        }
+        run(pg(&bin, "pg_ctl")
+            .arg("-D")
+            .arg(&data)
+            .arg("-l")
+            .arg(dir.join("server.log"))
+            .args(["-w", "-t", "60", "start"]));
+        TlsPostgres { dir, port, ca, other_ca, bin }
+    }
+
+    pub fn url(&self, host: &str, params: &str) -> String {
+        format!("postgres://postgres@{host}:{}/postgres?{params}", self.port)
+    }
+}
+
+impl Drop for TlsPostgres {
+    fn drop(&mut self) {
+        let _ = pg(&self.bin, "pg_ctl").arg("-D").arg(self.dir.join("data")).args(["-m", "immediate", "stop"]).output();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
