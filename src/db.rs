@@ -52,6 +52,9 @@ pub enum ConnectError {
     /// Setting up the session failed.
     #[error("setting up the PostgreSQL session failed: {0}")]
     Session(#[source] tokio_postgres::Error),
+    /// Setting up the session took too long.
+    #[error("setting up the PostgreSQL session took longer than {0:?} (is the server or the network stuck?)")]
+    Timeout(Duration),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -168,6 +171,19 @@ impl DbConfig {
     }
 
     async fn open(
+        &self,
+        notifications: bool,
+    ) -> Result<(Client, CancellationToken, Option<mpsc::UnboundedReceiver<()>>), ConnectError> {
+        // The driver's connect_timeout covers the TCP connect only; a peer that accepts and then
+        // says nothing (a blackholed path) must not hang the caller either.
+        let limit = self.config.get_connect_timeout().copied().unwrap_or(DEFAULT_CONNECT_TIMEOUT) * 2;
+        match tokio::time::timeout(limit, self.open_inner(notifications)).await {
+            Ok(r) => r,
+            Err(_) => Err(ConnectError::Timeout(limit)),
+        }
+    }
+
+    async fn open_inner(
         &self,
         notifications: bool,
     ) -> Result<(Client, CancellationToken, Option<mpsc::UnboundedReceiver<()>>), ConnectError> {

@@ -6,6 +6,7 @@
 //! - [`schema`]: the schema name, the numbered migrations under `schema/`, and `migrate`.
 //! - [`outbox`]: the writer API; enqueue messages inside the caller's own transaction.
 //! - [`db`]: PostgreSQL connections with timeouts and server-verifying TLS.
+//! - [`classify`]: every error, classified once where it enters: retry or not.
 //! - [`retry`]: capped exponential backoff with full jitter.
 //! - [`relay`] (feature `relay`): the daemon; lanes, the delivery loop, the Kafka envelope.
 //!
@@ -23,6 +24,7 @@
 //! The SQL contract (`<schema>.enqueue(...)`, `<schema>.enqueue_json(...)`) gives services in any
 //! language the same writer as [`outbox::Outbox`].
 
+pub mod classify;
 pub mod db;
 pub mod outbox;
 #[cfg(feature = "relay")]

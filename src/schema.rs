@@ -110,6 +110,7 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "0003_delivery_archive.sql",
         sql: include_str!("../schema/0003_delivery_archive.sql"),
     },
+    Migration { version: 4, name: "0004_failures.sql", sql: include_str!("../schema/0004_failures.sql") },
 ];
 
 impl Migration {

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Args;
-use outbox_relay::relay::{self, kafka, RelayConfig};
+use outbox_relay::relay::{self, kafka, DeadLetterPolicy, RelayConfig};
 use outbox_relay::retry::Backoff;
 use tokio_util::sync::CancellationToken;
 
@@ -47,6 +47,28 @@ pub(crate) struct RunArgs {
     /// The largest retry delay.
     #[arg(long, env = "OUTBOX_RETRY_CAP", default_value = "60s", value_parser = humantime::parse_duration)]
     retry_cap: Duration,
+    /// Attempts before a message is dead-lettered as retries_exhausted.
+    #[arg(long, env = "OUTBOX_MAX_ATTEMPTS", default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..))]
+    max_attempts: u32,
+    /// Dead-letter a message older than this instead of retrying it (default: no limit).
+    #[arg(long, env = "OUTBOX_MAX_AGE", value_parser = humantime::parse_duration)]
+    max_age: Option<Duration>,
+    /// What happens to later messages of a dead-lettered message's key: skip (they go on) or
+    /// park-key (they wait until the dead letter is replayed or discarded).
+    #[arg(long, env = "OUTBOX_DEAD_LETTER_POLICY", default_value = "skip")]
+    dead_letter_policy: DeadLetterPolicy,
+    /// Also publish dead letters to this Kafka topic (the dead_letters table stays the record).
+    #[arg(long, env = "OUTBOX_DLQ_TOPIC")]
+    dlq_topic: Option<String>,
+    /// Consecutive failed batches that open the circuit breaker.
+    #[arg(long, env = "OUTBOX_BREAKER_FAILURES", default_value_t = 5)]
+    breaker_failures: u32,
+    /// The breaker's first cool-down (jittered, doubling per failed probe up to 12 times as long).
+    #[arg(long, env = "OUTBOX_BREAKER_COOLDOWN", default_value = "5s", value_parser = humantime::parse_duration)]
+    breaker_cooldown: Duration,
+    /// How long one database statement may take before the lane drops its session and starts over.
+    #[arg(long, env = "OUTBOX_DB_CALL_TIMEOUT", default_value = "35s", value_parser = humantime::parse_duration)]
+    db_call_timeout: Duration,
     /// How long a graceful shutdown (SIGTERM/SIGINT) may take.
     #[arg(long, env = "OUTBOX_SHUTDOWN_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
     shutdown_timeout: Duration,
@@ -93,6 +115,17 @@ pub(crate) async fn run(global: &Global, args: RunArgs) -> Result<(), CliError> 
     config.archive = args.archive;
     config.archive_retention = args.archive_retention;
     config.retry = Backoff { base: args.retry_base, cap: args.retry_cap };
+    config.max_attempts = args.max_attempts;
+    config.max_age = args.max_age;
+    config.dead_letter_policy = args.dead_letter_policy;
+    if let Some(dlq) = &args.dlq_topic {
+        outbox_relay::outbox::validate_topic(dlq).map_err(|e| format!("--dlq-topic: {e}"))?;
+    }
+    config.dlq_topic = args.dlq_topic;
+    config.breaker.failure_threshold = args.breaker_failures;
+    config.breaker.cooldown = args.breaker_cooldown;
+    config.breaker.max_cooldown = args.breaker_cooldown * 12;
+    config.db_call_timeout = args.db_call_timeout;
 
     let shutdown = CancellationToken::new();
     tokio::spawn(stop_on_signal(shutdown.clone()));

@@ -43,6 +43,8 @@ pub struct ClaimedRow {
     pub waiting: bool,
     /// How long it still waits, in milliseconds.
     pub wait_ms: i64,
+    /// How old the row is, in milliseconds.
+    pub age_ms: i64,
 }
 
 /// Where the broker put an acknowledged row.
@@ -69,15 +71,59 @@ pub struct FailedAttempt {
     pub delay_ms: i64,
 }
 
+/// A row to move to the dead letters.
+#[derive(Debug, Clone)]
+pub struct DeadLetter {
+    /// The row.
+    pub seq: i64,
+    /// Why (`message_too_large`, `retries_exhausted`, ...).
+    pub reason: String,
+    /// The error's class.
+    pub error_class: String,
+    /// The last error.
+    pub error: String,
+}
+
+/// Why a lane statement failed.
+#[derive(Debug, thiserror::Error)]
+pub enum LaneDbError {
+    /// The database refused or the session broke.
+    #[error("{class}: {source}")]
+    Db {
+        /// The error's class.
+        class: &'static str,
+        /// The driver's error.
+        #[source]
+        source: tokio_postgres::Error,
+    },
+    /// No answer in time (a blackholed connection, a stuck server).
+    #[error("pg.timeout: no answer within {0:?}")]
+    Timeout(std::time::Duration),
+}
+
 /// A lane's session and its prepared statements.
 pub struct LaneSession {
     client: Client,
     closed: CancellationToken,
     lane: i16,
+    call_timeout: std::time::Duration,
     claim: Statement,
     delete: Statement,
     archive: Option<Statement>,
     failures: Statement,
+    dead: Statement,
+}
+
+/// Runs a statement under the lane's call timeout, classifying its error.
+async fn timed<T>(
+    limit: std::time::Duration,
+    f: impl std::future::Future<Output = Result<T, tokio_postgres::Error>>,
+) -> Result<T, LaneDbError> {
+    match tokio::time::timeout(limit, f).await {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(source)) => Err(LaneDbError::Db { class: crate::classify::postgres(&source).class, source }),
+        Err(_) => Err(LaneDbError::Timeout(limit)),
+    }
 }
 
 impl LaneSession {
@@ -88,6 +134,7 @@ impl LaneSession {
         lock_class: i32,
         lane: i16,
         archive: bool,
+        call_timeout: std::time::Duration,
     ) -> Result<Option<Self>, ConnectError> {
         let (client, closed) = db.connect_watched().await?;
         let session = async {
@@ -104,12 +151,17 @@ impl LaneSession {
                 None
             };
             let failures = client.prepare(&schema.qualify(include_str!("../sql/record_failures.sql"))).await?;
-            Ok(Some((claim, delete, archive, failures)))
+            let dead = client.prepare(&schema.qualify(include_str!("../sql/dead_letter.sql"))).await?;
+            Ok(Some((claim, delete, archive, failures, dead)))
         };
-        match session.await.map_err(ConnectError::Session)? {
+        let prepared = match tokio::time::timeout(call_timeout, session).await {
+            Ok(r) => r.map_err(ConnectError::Session)?,
+            Err(_) => return Err(ConnectError::Timeout(call_timeout)),
+        };
+        match prepared {
             None => Ok(None),
-            Some((claim, delete, archive, failures)) => {
-                Ok(Some(Self { client, closed, lane, claim, delete, archive, failures }))
+            Some((claim, delete, archive, failures, dead)) => {
+                Ok(Some(Self { client, closed, lane, call_timeout, claim, delete, archive, failures, dead }))
             }
         }
     }
@@ -120,8 +172,8 @@ impl LaneSession {
     }
 
     /// The head of the lane, in sequence order.
-    pub async fn claim(&self, limit: i64) -> Result<Vec<ClaimedRow>, tokio_postgres::Error> {
-        let rows = self.client.query(&self.claim, &[&self.lane, &limit]).await?;
+    pub async fn claim(&self, limit: i64) -> Result<Vec<ClaimedRow>, LaneDbError> {
+        let rows = timed(self.call_timeout, self.client.query(&self.claim, &[&self.lane, &limit])).await?;
         Ok(rows
             .iter()
             .map(|r| {
@@ -142,37 +194,56 @@ impl LaneSession {
                     attempts: r.get(11),
                     waiting: r.get(12),
                     wait_ms: r.get(13),
+                    age_ms: r.get(14),
                 }
             })
             .collect())
     }
 
     /// Removes acknowledged rows (or moves them to the archive) in one statement.
-    pub async fn complete(&self, acked: &[Acked]) -> Result<u64, tokio_postgres::Error> {
+    pub async fn complete(&self, acked: &[Acked]) -> Result<u64, LaneDbError> {
         if acked.is_empty() {
             return Ok(0);
         }
         let seqs: Vec<i64> = acked.iter().map(|a| a.seq).collect();
         match &self.archive {
-            None => self.client.execute(&self.delete, &[&self.lane, &seqs]).await,
+            None => timed(self.call_timeout, self.client.execute(&self.delete, &[&self.lane, &seqs])).await,
             Some(stmt) => {
                 let topics: Vec<&str> = acked.iter().map(|a| a.kafka_topic.as_str()).collect();
                 let partitions: Vec<i32> = acked.iter().map(|a| a.partition).collect();
                 let offsets: Vec<i64> = acked.iter().map(|a| a.offset).collect();
-                self.client.execute(stmt, &[&self.lane, &seqs, &topics, &partitions, &offsets]).await
+                timed(
+                    self.call_timeout,
+                    self.client.execute(stmt, &[&self.lane, &seqs, &topics, &partitions, &offsets]),
+                )
+                .await
             }
         }
     }
 
+    /// Moves rows to the dead letters (and parks their keys under `park-key`) in one statement,
+    /// so a row is never both pending and dead.
+    pub async fn dead_letter(&self, dead: &[DeadLetter], park: bool, instance: uuid::Uuid) -> Result<u64, LaneDbError> {
+        let seqs: Vec<i64> = dead.iter().map(|d| d.seq).collect();
+        let reasons: Vec<&str> = dead.iter().map(|d| d.reason.as_str()).collect();
+        let classes: Vec<&str> = dead.iter().map(|d| d.error_class.as_str()).collect();
+        let errors: Vec<&str> = dead.iter().map(|d| d.error.as_str()).collect();
+        timed(
+            self.call_timeout,
+            self.client.execute(&self.dead, &[&self.lane, &seqs, &reasons, &classes, &errors, &park, &instance]),
+        )
+        .await
+    }
+
     /// Records failed attempts (attempts + 1, last error, next attempt time) in one statement.
-    pub async fn record_failures(&self, failed: &[FailedAttempt]) -> Result<u64, tokio_postgres::Error> {
+    pub async fn record_failures(&self, failed: &[FailedAttempt]) -> Result<u64, LaneDbError> {
         if failed.is_empty() {
             return Ok(0);
         }
         let seqs: Vec<i64> = failed.iter().map(|f| f.seq).collect();
         let errors: Vec<&str> = failed.iter().map(|f| f.error.as_str()).collect();
         let delays: Vec<i64> = failed.iter().map(|f| f.delay_ms).collect();
-        self.client.execute(&self.failures, &[&self.lane, &seqs, &errors, &delays]).await
+        timed(self.call_timeout, self.client.execute(&self.failures, &[&self.lane, &seqs, &errors, &delays])).await
     }
 
     /// The session, for statements of later stages (dead letters).

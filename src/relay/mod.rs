@@ -8,6 +8,7 @@
 //! instance in `relay_instances`, counts the live instances and takes or lets go of lanes so that
 //! each holds its fair share; a listener session turns NOTIFY into wake-ups.
 
+pub mod breaker;
 pub mod claim;
 pub mod envelope;
 pub mod kafka;
@@ -66,6 +67,18 @@ pub struct RelayConfig {
     pub archive_retention: Duration,
     /// Delays between delivery attempts of a row.
     pub retry: Backoff,
+    /// Attempts before a row is dead-lettered as `retries_exhausted`.
+    pub max_attempts: u32,
+    /// A row older than this is dead-lettered as `max_age_exceeded` instead of retried.
+    pub max_age: Option<Duration>,
+    /// What happens to later messages of a dead-lettered message's key.
+    pub dead_letter_policy: DeadLetterPolicy,
+    /// Mirror dead letters to this Kafka topic too.
+    pub dlq_topic: Option<String>,
+    /// The circuit breaker around the broker.
+    pub breaker: breaker::BreakerSettings,
+    /// How long one database statement of a lane may take before the lane drops its session.
+    pub db_call_timeout: Duration,
     /// How often archived rows and expired idempotency keys are pruned.
     pub maintenance_interval: Duration,
     /// This instance's id.
@@ -95,6 +108,12 @@ impl RelayConfig {
             archive: false,
             archive_retention: Duration::from_secs(7 * 24 * 3600),
             retry: Backoff { base: Duration::from_millis(200), cap: Duration::from_secs(60) },
+            max_attempts: 20,
+            max_age: None,
+            dead_letter_policy: DeadLetterPolicy::Skip,
+            dlq_topic: None,
+            breaker: breaker::BreakerSettings::default(),
+            db_call_timeout: Duration::from_secs(35),
             maintenance_interval: Duration::from_secs(60),
             instance_id: Uuid::now_v7(),
         }
@@ -104,6 +123,26 @@ impl RelayConfig {
     pub fn topic_for(&self, topic: &str) -> String {
         let mapped = self.topic_map.get(topic).map(String::as_str).unwrap_or(topic);
         format!("{}{mapped}", self.topic_prefix)
+    }
+}
+
+/// What happens to the later messages of a key whose message was dead-lettered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeadLetterPolicy {
+    /// Later messages of the key go on (the one documented exception to per-key order).
+    Skip,
+    /// Later messages of the key wait until an operator replays or discards the dead letter.
+    ParkKey,
+}
+
+impl std::str::FromStr for DeadLetterPolicy {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "skip" => Ok(Self::Skip),
+            "park-key" => Ok(Self::ParkKey),
+            other => Err(format!("unknown dead-letter policy {other:?}: use skip or park-key")),
+        }
     }
 }
 
@@ -135,11 +174,38 @@ pub struct RelayStats {
     pub claims: AtomicU64,
     /// Archived rows and expired idempotency keys pruned.
     pub pruned: AtomicU64,
+    /// Failed attempts recorded for a later retry.
+    pub retried: AtomicU64,
+    /// Rows moved to the dead letters.
+    pub dead_lettered: AtomicU64,
+    /// Records handed to the producer (attempts, successful or not).
+    pub produce_attempts: AtomicU64,
+    /// Lane sessions lost (statement errors, timeouts, closed connections).
+    pub sessions_lost: AtomicU64,
+    /// Times the circuit breaker opened.
+    pub breaker_opened: AtomicU64,
+    /// Times it closed again.
+    pub breaker_closed: AtomicU64,
+    /// Records sent as half-open probes (the only produce attempts while the breaker is not closed).
+    pub probes: AtomicU64,
+    /// The latest retry delays chosen, as (attempt, delay), newest last; at most 1,000.
+    pub retry_delays: std::sync::Mutex<std::collections::VecDeque<(u32, Duration)>>,
+}
+
+impl RelayStats {
+    pub(crate) fn note_retry(&self, attempt: u32, delay: Duration) {
+        let mut d = self.retry_delays.lock().expect("stats lock");
+        if d.len() == 1000 {
+            d.pop_front();
+        }
+        d.push_back((attempt, delay));
+    }
 }
 
 /// What a lane loop shares with the others.
 pub(crate) struct Shared {
     pub(crate) config: RelayConfig,
+    pub(crate) breaker: breaker::Breaker,
     pub(crate) producer: FutureProducer,
     pub(crate) wake: watch::Receiver<u64>,
     pub(crate) source: String,
@@ -177,7 +243,14 @@ pub async fn run_with_stats(
     let listener =
         tokio::spawn(listen(config.db.clone(), config.schema.notify_channel(), wake_tx, listener_stop.clone()));
     let source = config.source.clone().unwrap_or_else(|| format!("/outbox-relay/{}", config.schema));
-    let shared = Arc::new(Shared { config: config.clone(), producer, wake: wake_rx, source, stats: stats.clone() });
+    let shared = Arc::new(Shared {
+        config: config.clone(),
+        breaker: breaker::Breaker::new(config.breaker, stats.clone()),
+        producer,
+        wake: wake_rx,
+        source,
+        stats: stats.clone(),
+    });
     tracing::info!(instance = %config.instance_id, schema = %config.schema, lanes = info.lanes,
         batch_size = config.batch_size, "relay started");
 
@@ -195,7 +268,14 @@ pub async fn run_with_stats(
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => break,
-            _ = tick.tick() => coordinator.tick().await,
+            _ = tick.tick() => {
+                // A stuck control session (blackholed network) must not wedge the coordinator.
+                if tokio::time::timeout(config.db_call_timeout, coordinator.tick()).await.is_err() {
+                    tracing::warn!(timeout_ms = config.db_call_timeout.as_millis() as u64,
+                        "coordinator step timed out; dropping the control session");
+                    coordinator.control = None;
+                }
+            }
         }
     }
 
@@ -207,7 +287,9 @@ pub async fn run_with_stats(
             "shutdown deadline passed with batches in flight; their rows stay in the outbox and are delivered again"
         );
     }
-    coordinator.deregister().await;
+    if tokio::time::timeout(Duration::from_secs(5), coordinator.deregister()).await.is_err() {
+        tracing::warn!("could not deregister in time; the instance row expires by itself");
+    }
     listener_stop.cancel();
     let _ = listener.await;
     let in_flight = shared.producer.in_flight_count();
@@ -238,7 +320,15 @@ impl Coordinator {
             self.control = None;
         }
         if self.control.is_none() {
-            match self.config().db.connect().await {
+            use backon::Retryable;
+            let db = self.config().db.clone();
+            let connect = (|| db.connect())
+                .retry(reconnect_policy().with_max_times(3))
+                .sleep(tokio::time::sleep)
+                .notify(|e, after| {
+                    tracing::warn!(error = %e, retry_in_ms = after.as_millis() as u64, "control session unavailable; retrying")
+                });
+            match connect.await {
                 Ok(c) => self.control = Some(c),
                 Err(e) => {
                     tracing::warn!(error = %e, "control session unavailable; lanes keep running, rebalancing waits");
@@ -289,6 +379,7 @@ impl Coordinator {
             match owned.task.await {
                 Ok(LaneExit::Released) => {}
                 Ok(LaneExit::SessionLost(why)) => {
+                    self.shared.stats.sessions_lost.fetch_add(1, Ordering::Relaxed);
                     tracing::warn!(lane, reason = %why, "lane session lost; delivery for the lane stopped, will try to take it again")
                 }
                 Err(e) => tracing::error!(lane, error = %e, "lane task failed"),
@@ -302,15 +393,17 @@ impl Coordinator {
         let timeout_ms = self.config().instance_timeout.as_millis() as i64;
         let schema = self.config().schema.clone();
         let host = hostname();
+        let breaker = self.shared.breaker.state().as_str();
         let Some(control) = self.control().await else { return Ok(1) };
         control
             .execute(
                 &schema.qualify(
-                    "INSERT INTO __SCHEMA__.relay_instances (instance_id, hostname, pid, version, lanes)
-                     VALUES ($1, $2, $3, $4, $5)
-                     ON CONFLICT (instance_id) DO UPDATE SET heartbeat_at = now(), lanes = EXCLUDED.lanes",
+                    "INSERT INTO __SCHEMA__.relay_instances (instance_id, hostname, pid, version, lanes, breaker_state)
+                     VALUES ($1, $2, $3, $4, $5, $6)
+                     ON CONFLICT (instance_id) DO UPDATE
+                     SET heartbeat_at = now(), lanes = EXCLUDED.lanes, breaker_state = EXCLUDED.breaker_state",
                 ),
-                &[&id, &host, &(std::process::id() as i32), &env!("CARGO_PKG_VERSION"), &lanes],
+                &[&id, &host, &(std::process::id() as i32), &env!("CARGO_PKG_VERSION"), &lanes, &breaker],
             )
             .await?;
         // Rows of instances gone for long are removed, so `status` shows the living.
@@ -363,7 +456,7 @@ impl Coordinator {
             let cfg = &self.shared.config;
             // The session names its instance and lane, so operators (and pg_stat_activity) see who holds what.
             let db = cfg.db.clone().with_application_name(&format!("outbox-relay {} lane {lane}", cfg.instance_id));
-            match LaneSession::try_acquire(&db, &cfg.schema, lock_class, lane, cfg.archive).await {
+            match LaneSession::try_acquire(&db, &cfg.schema, lock_class, lane, cfg.archive, cfg.db_call_timeout).await {
                 Ok(Some(session)) => {
                     let stop = CancellationToken::new();
                     let task = tokio::spawn(worker::run_lane(self.shared.clone(), lane, session, stop.clone()));
@@ -446,35 +539,45 @@ impl Coordinator {
     }
 }
 
-/// Turns NOTIFYs on the outbox's channel into wake-ups; reconnects with capped, jittered backoff.
+/// Reconnects with capped, jittered exponential backoff (200 ms doubling to 10 s, plus up to as
+/// much again of jitter), so a restarting database is not hammered by every instance at once.
+fn reconnect_policy() -> backon::ExponentialBuilder {
+    backon::ExponentialBuilder::new()
+        .with_min_delay(Duration::from_millis(200))
+        .with_max_delay(Duration::from_secs(10))
+        .with_jitter()
+}
+
+/// Turns NOTIFYs on the outbox's channel into wake-ups; reconnects with backoff.
 async fn listen(db: DbConfig, channel: String, wake: watch::Sender<u64>, stop: CancellationToken) {
-    let backoff = Backoff { base: Duration::from_millis(200), cap: Duration::from_secs(10) };
-    let mut attempt = 0u32;
+    use backon::Retryable;
     loop {
-        match db.listen(&channel).await {
-            Ok((_client, mut notes)) => {
-                attempt = 0;
-                // Rows may have come while no one listened.
-                wake.send_modify(|v| *v += 1);
-                loop {
-                    tokio::select! {
-                        _ = stop.cancelled() => return,
-                        n = notes.recv() => match n {
-                            Some(()) => wake.send_modify(|v| *v += 1),
-                            None => break,
-                        }
-                    }
-                }
-                tracing::warn!("the LISTEN session closed; lanes fall back to polling until it is back");
-            }
-            Err(e) => tracing::warn!(error = %e, "could not LISTEN for new rows; lanes poll meanwhile"),
-        }
-        let delay = backoff.delay(attempt);
-        attempt = attempt.saturating_add(1);
-        tokio::select! {
+        let connect = (|| db.listen(&channel))
+            .retry(reconnect_policy().without_max_times())
+            .sleep(tokio::time::sleep)
+            .notify(|e, after| {
+                tracing::warn!(error = %e, retry_in_ms = after.as_millis() as u64,
+                    "could not LISTEN for new rows; lanes poll meanwhile")
+            });
+        let (_client, mut notes) = tokio::select! {
             _ = stop.cancelled() => return,
-            _ = tokio::time::sleep(delay) => {}
+            r = connect => match r {
+                Ok(pair) => pair,
+                Err(_) => continue,
+            },
+        };
+        // Rows may have come while no one listened.
+        wake.send_modify(|v| *v += 1);
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                n = notes.recv() => match n {
+                    Some(()) => wake.send_modify(|v| *v += 1),
+                    None => break,
+                }
+            }
         }
+        tracing::warn!("the LISTEN session closed; lanes fall back to polling until it is back");
     }
 }
 

@@ -1,16 +1,21 @@
-//! One lane's delivery loop: read the head of the lane in sequence order, produce the whole batch
-//! pipelined, await every acknowledgement, then delete what was acknowledged in one statement.
+//! One lane's delivery loop: read the head of the lane in sequence order, produce the batch
+//! pipelined, await every acknowledgement, then in one statement each: delete what was
+//! acknowledged, record failed attempts, move dead letters.
 
+use std::collections::HashSet;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::FutureRecord;
 use tokio_util::sync::CancellationToken;
 
-use super::claim::{Acked, ClaimedRow, FailedAttempt, LaneSession};
-use super::{envelope, Shared};
+use super::breaker::{BreakerState, Permit};
+use super::claim::{Acked, ClaimedRow, DeadLetter, FailedAttempt, LaneSession};
+use super::{envelope, DeadLetterPolicy, Shared};
+use crate::classify::{self, reason, Classified, Disposition};
 use crate::outbox::validate_topic;
 
 /// Why a lane loop ended.
@@ -18,14 +23,19 @@ use crate::outbox::validate_topic;
 pub(crate) enum LaneExit {
     /// Asked to stop (shutdown or rebalance) and finished its batch.
     Released,
-    /// Its session is gone; the lock went with it.
+    /// Its session is gone, or a statement failed or timed out; the lock goes with the session.
     SessionLost(String),
 }
 
 /// What became of one row in a batch.
 enum Outcome {
     Acked(Acked),
-    Failed { seq: i64, error: String },
+    Failed {
+        error: String,
+        classified: Classified,
+    },
+    /// Not sent: an earlier row of its key was refused in this batch.
+    Held,
 }
 
 pub(crate) async fn run_lane(
@@ -35,7 +45,11 @@ pub(crate) async fn run_lane(
     stop: CancellationToken,
 ) -> LaneExit {
     let mut wake = shared.wake.clone();
-    let batch = shared.config.batch_size as i64;
+    let mut breaker_changes = shared.breaker.subscribe();
+    let full_batch = shared.config.batch_size as i64;
+    // After a batch with failures the lane sends one row at a time until one gets through, so a
+    // flaky broker cannot acknowledge a later row of a key while an earlier one fails.
+    let mut cautious = false;
     loop {
         if stop.is_cancelled() {
             return LaneExit::Released;
@@ -43,15 +57,34 @@ pub(crate) async fn run_lane(
         if session.closed().is_cancelled() {
             return LaneExit::SessionLost("the lane's database session closed".into());
         }
+        let permit = shared.breaker.permit();
+        if let Permit::Wait(d) = permit {
+            tokio::select! {
+                _ = stop.cancelled() => return LaneExit::Released,
+                _ = breaker_changes.changed() => {}
+                _ = tokio::time::sleep(d.max(Duration::from_millis(10))) => {}
+            }
+            continue;
+        }
+        let probing = permit == Permit::Probe;
         wake.borrow_and_update();
         shared.stats.claims.fetch_add(1, Ordering::Relaxed);
-        let rows = match session.claim(batch).await {
+        let limit = if probing || cautious { 1 } else { full_batch };
+        let rows = match session.claim(limit).await {
             Ok(rows) => rows,
-            Err(e) => return LaneExit::SessionLost(format!("claim failed: {e}")),
+            Err(e) => {
+                if probing {
+                    shared.breaker.release_probe();
+                }
+                return LaneExit::SessionLost(format!("claim failed: {e}"));
+            }
         };
         // Order first: the lane goes no further than its first row that waits for a retry.
         let ready = rows.iter().take_while(|r| !r.waiting).count();
         if ready == 0 {
+            if probing {
+                shared.breaker.release_probe();
+            }
             let wait = rows
                 .first()
                 .map(|head| Duration::from_millis(head.wait_ms.max(1) as u64).min(shared.config.poll_interval))
@@ -67,20 +100,54 @@ pub(crate) async fn run_lane(
             continue;
         }
         let rows = &rows[..ready];
+        let breaker_was_closed = !probing && shared.breaker.state() == BreakerState::Closed;
+        if probing {
+            shared.stats.probes.fetch_add(rows.len() as u64, Ordering::Relaxed);
+        }
         let outcomes = deliver(&shared, rows).await;
+
         let mut acked = Vec::with_capacity(outcomes.len());
         let mut failed = Vec::new();
+        let mut dead = Vec::new();
+        let mut broker_failure = false;
         for (row, outcome) in rows.iter().zip(outcomes) {
             match outcome {
                 Outcome::Acked(a) => acked.push(a),
-                Outcome::Failed { seq, error } => {
-                    let delay = shared.config.retry.delay(row.attempts.max(0) as u32);
-                    tracing::warn!(lane, message_id = %row.id, topic = %row.topic, attempt = row.attempts + 1,
-                        retry_in_ms = delay.as_millis() as u64, error = %error, "delivery failed; will retry");
-                    failed.push(FailedAttempt { seq, error, delay_ms: delay.as_millis() as i64 });
+                Outcome::Held => {}
+                Outcome::Failed { error, classified } => {
+                    broker_failure |= classified.broker_health;
+                    match decide(&shared, row, &classified, breaker_was_closed) {
+                        Decision::DeadLetter(why) => {
+                            tracing::warn!(lane, message_id = %row.id, topic = %row.topic, attempts = row.attempts + 1,
+                                reason = why, error_class = classified.class, error = %error, "message dead-lettered");
+                            dead.push(DeadLetter {
+                                seq: row.seq,
+                                reason: why.to_owned(),
+                                error_class: classified.class.to_owned(),
+                                error,
+                            });
+                        }
+                        Decision::Retry(delay) => {
+                            tracing::warn!(lane, message_id = %row.id, topic = %row.topic, attempt = row.attempts + 1,
+                                retry_in_ms = delay.as_millis() as u64, error_class = classified.class, error = %error,
+                                "delivery failed; will retry");
+                            shared.stats.note_retry(row.attempts.max(0) as u32, delay);
+                            failed.push(FailedAttempt { seq: row.seq, error, delay_ms: delay.as_millis() as i64 });
+                        }
+                        Decision::Untouched => {}
+                    }
                 }
             }
         }
+        if broker_failure {
+            shared.breaker.on_failure();
+        } else if !acked.is_empty() {
+            shared.breaker.on_success();
+        } else if probing {
+            shared.breaker.release_probe();
+        }
+        cautious = broker_failure || !failed.is_empty();
+
         // Completing the batch is not interrupted by a stop: what the broker acknowledged is
         // removed before the lane is let go, or redelivered by its next owner.
         if let Err(e) = session.complete(&acked).await {
@@ -90,47 +157,119 @@ pub(crate) async fn run_lane(
         if let Err(e) = session.record_failures(&failed).await {
             return LaneExit::SessionLost(format!("recording {} failed attempts failed: {e}", failed.len()));
         }
-        tracing::debug!(lane, delivered = acked.len(), failed = failed.len(), "batch done");
+        shared.stats.retried.fetch_add(failed.len() as u64, Ordering::Relaxed);
+        if !dead.is_empty() {
+            let park = shared.config.dead_letter_policy == DeadLetterPolicy::ParkKey;
+            if let Err(e) = session.dead_letter(&dead, park, shared.config.instance_id).await {
+                return LaneExit::SessionLost(format!("moving {} dead letters failed: {e}", dead.len()));
+            }
+            shared.stats.dead_lettered.fetch_add(dead.len() as u64, Ordering::Relaxed);
+            if let Some(dlq) = &shared.config.dlq_topic {
+                mirror_to_dlq(&shared, dlq, rows, &dead);
+            }
+        }
     }
+}
+
+enum Decision {
+    Retry(Duration),
+    DeadLetter(&'static str),
+    /// Leave the row as it is: the failure says nothing about the row (broker down while the
+    /// breaker probes), so no retry counter is burned.
+    Untouched,
+}
+
+fn decide(shared: &Shared, row: &ClaimedRow, c: &Classified, breaker_was_closed: bool) -> Decision {
+    if c.disposition == Disposition::Permanent {
+        return Decision::DeadLetter(c.reason);
+    }
+    if c.broker_health && !breaker_was_closed {
+        return Decision::Untouched;
+    }
+    let attempts = row.attempts + 1;
+    if attempts >= shared.config.max_attempts as i32 {
+        return Decision::DeadLetter(reason::RETRIES_EXHAUSTED);
+    }
+    if let Some(max_age) = shared.config.max_age {
+        if row.age_ms > max_age.as_millis() as i64 {
+            return Decision::DeadLetter(reason::MAX_AGE_EXCEEDED);
+        }
+    }
+    Decision::Retry(shared.config.retry.delay(row.attempts.max(0) as u32))
 }
 
 /// Produces every row, pipelined, and waits for each acknowledgement; outcomes in row order.
 async fn deliver(shared: &Shared, rows: &[ClaimedRow]) -> Vec<Outcome> {
     let mut pending = Vec::with_capacity(rows.len());
+    // Keys with a row refused in this batch: their later rows are held, to keep key order.
+    let mut refused_keys: HashSet<&str> = HashSet::new();
     for row in rows {
-        pending.push(send_one(shared, row).await);
+        if row.key.as_deref().is_some_and(|k| refused_keys.contains(k)) {
+            pending.push(Sent::Held);
+            continue;
+        }
+        let sent = send_one(shared, row).await;
+        if matches!(sent, Sent::Refused(..)) {
+            if let Some(k) = row.key.as_deref() {
+                refused_keys.insert(k);
+            }
+        }
+        pending.push(sent);
     }
+    // librdkafka reports every message within message.timeout.ms; the margin covers a wedged
+    // client, so a lane never waits forever.
+    let ack_deadline = shared.config.producer.message_timeout + Duration::from_secs(10);
     let mut outcomes = Vec::with_capacity(rows.len());
     for (row, p) in rows.iter().zip(pending) {
         let outcome = match p {
-            Sent::Queued(topic, fut) => match fut.await {
-                Ok(Ok(d)) => {
+            Sent::Queued(topic, fut) => match tokio::time::timeout(ack_deadline, fut).await {
+                Ok(Ok(Ok(d))) => {
                     Outcome::Acked(Acked { seq: row.seq, kafka_topic: topic, partition: d.partition, offset: d.offset })
                 }
-                Ok(Err((e, _))) => Outcome::Failed { seq: row.seq, error: describe(&e) },
-                Err(_) => {
-                    Outcome::Failed { seq: row.seq, error: "the producer was closed before acknowledging".into() }
-                }
+                Ok(Ok(Err((e, _)))) => Outcome::Failed { error: describe(&e), classified: classify::kafka(&e) },
+                Ok(Err(_)) => Outcome::Failed {
+                    error: "the producer was closed before acknowledging".into(),
+                    classified: classify::kafka_code(RDKafkaErrorCode::Fail),
+                },
+                Err(_) => Outcome::Failed {
+                    error: format!("no acknowledgement within {ack_deadline:?}"),
+                    classified: classify::kafka_code(RDKafkaErrorCode::MessageTimedOut),
+                },
             },
-            Sent::Refused(error) => Outcome::Failed { seq: row.seq, error },
+            Sent::Refused(error, classified) => Outcome::Failed { error, classified },
+            Sent::Held => Outcome::Held,
         };
         outcomes.push(outcome);
     }
+    shared.stats.produce_attempts.fetch_add(rows.len() as u64, Ordering::Relaxed);
     outcomes
 }
 
 enum Sent {
     Queued(String, rdkafka::producer::DeliveryFuture),
-    Refused(String),
+    Refused(String, Classified),
+    Held,
+}
+
+fn malformed(why: String) -> Sent {
+    Sent::Refused(
+        format!("malformed row: {why}"),
+        Classified {
+            disposition: Disposition::Permanent,
+            class: "row.malformed",
+            broker_health: false,
+            reason: reason::MALFORMED_ROW,
+        },
+    )
 }
 
 async fn send_one(shared: &Shared, row: &ClaimedRow) -> Sent {
-    if let Some(reason) = &row.malformed {
-        return Sent::Refused(format!("malformed row: {reason}"));
+    if let Some(why) = &row.malformed {
+        return malformed(why.clone());
     }
     let topic = shared.config.topic_for(&row.topic);
     if let Err(e) = validate_topic(&topic) {
-        return Sent::Refused(format!("malformed row: {e}"));
+        return malformed(e.to_string());
     }
     let headers = envelope::headers(row, &shared.source);
     let mut record = FutureRecord::<[u8], [u8]>::to(&topic).headers(headers);
@@ -147,12 +286,50 @@ async fn send_one(shared: &Shared, row: &ClaimedRow) -> Sent {
             Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
                 // librdkafka's queue is full: wait for acknowledgements to make room.
                 if tokio::time::Instant::now() >= deadline {
-                    return Sent::Refused("the producer queue stayed full for message.timeout.ms".into());
+                    return Sent::Refused(
+                        "the producer queue stayed full for message.timeout.ms".into(),
+                        classify::kafka_code(RDKafkaErrorCode::QueueFull),
+                    );
                 }
                 record = r;
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
-            Err((e, _)) => return Sent::Refused(describe(&e)),
+            Err((e, _)) => return Sent::Refused(describe(&e), classify::kafka(&e)),
+        }
+    }
+}
+
+/// Mirrors dead letters to the DLQ topic, best effort: the table is the record of truth.
+fn mirror_to_dlq(shared: &Arc<Shared>, dlq: &str, rows: &[ClaimedRow], dead: &[DeadLetter]) {
+    for d in dead {
+        let Some(row) = rows.iter().find(|r| r.seq == d.seq) else { continue };
+        let mut headers = envelope::headers(row, &shared.source);
+        headers = headers
+            .insert(Header { key: "outbox_dlq_reason", value: Some(d.reason.as_str()) })
+            .insert(Header { key: "outbox_dlq_error_class", value: Some(d.error_class.as_str()) })
+            .insert(Header { key: "outbox_dlq_original_topic", value: Some(row.topic.as_str()) });
+        let headers: OwnedHeaders = headers;
+        let mut record = FutureRecord::<[u8], [u8]>::to(dlq).headers(headers);
+        if let Some(k) = &row.key {
+            record = record.key(k.as_bytes());
+        }
+        // A payload too large for the topic is too large for the DLQ as well: send the envelope.
+        if d.reason != reason::MESSAGE_TOO_LARGE {
+            if let Some(p) = &row.payload {
+                record = record.payload(p.as_slice());
+            }
+        }
+        let id = row.id;
+        match shared.producer.send_result(record) {
+            Ok(fut) => {
+                tokio::spawn(async move {
+                    if let Ok(Err((e, _))) = fut.await {
+                        tracing::warn!(message_id = %id, error = %e, "mirroring a dead letter to the DLQ topic failed; it stays in the dead_letters table");
+                    }
+                });
+            }
+            Err((e, _)) => tracing::warn!(message_id = %id, error = %e,
+                "mirroring a dead letter to the DLQ topic failed; it stays in the dead_letters table"),
         }
     }
 }
