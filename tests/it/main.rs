@@ -7,6 +7,7 @@
 
 mod support;
 
+mod failures;
 mod migrate;
 mod relay;
 mod tls;

@@ -41,8 +41,13 @@ pub struct Received {
 /// Reads `topic` from the beginning of every partition until `expected` distinct ids were seen
 /// (or more records than that, when duplicates arrive), or `within` passed.
 pub fn read_topic(topic: &str, expected: usize, within: Duration) -> Vec<Received> {
+    read_topic_from(&kafka_brokers(), topic, expected, within)
+}
+
+/// [`read_topic`] from another cluster (the mock cluster of a fault test).
+pub fn read_topic_from(brokers: &str, topic: &str, expected: usize, within: Duration) -> Vec<Received> {
     let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", kafka_brokers())
+        .set("bootstrap.servers", brokers)
         .set("group.id", unique_name("reader"))
         .set("enable.auto.commit", "false")
         .set("auto.offset.reset", "earliest")

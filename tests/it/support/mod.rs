@@ -6,6 +6,7 @@ pub mod kafka;
 pub mod pg_tls;
 pub mod proxy;
 pub mod relay;
+pub mod workload;
 
 use std::sync::atomic::{AtomicU32, Ordering};
 

@@ -1,5 +1,5 @@
-//! A second, throwaway PostgreSQL server that accepts TLS only, with a CA and a server
-//! certificate made for the test (the certificate names `localhost` only).
+//! A second, throwaway PostgreSQL server of one test's own, which it may restart; with `tls`, it
+//! accepts TLS only, with a CA and a server certificate made for the test (naming `localhost` only).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -49,6 +49,20 @@ fn make_ca(dir: &Path, name: &str) -> (PathBuf, PathBuf) {
 
 impl TlsPostgres {
     pub fn start() -> Self {
+        Self::start_with(true)
+    }
+
+    /// Stops and starts the server (fast shutdown: sessions are cut).
+    pub fn restart(&self) {
+        run(pg(&self.bin, "pg_ctl")
+            .arg("-D")
+            .arg(self.dir.join("data"))
+            .args(["-m", "fast", "-w", "-t", "60", "restart"])
+            .arg("-l")
+            .arg(self.dir.join("server.log")));
+    }
+
+    pub fn start_with(tls: bool) -> Self {
         let pg_ctl = std::env::var("OUTBOX_TEST_PG_CTL")
             .expect("OUTBOX_TEST_PG_CTL is not set: run the tests with `bash scripts/test.sh`");
         let bin = Path::new(&pg_ctl).parent().unwrap().to_path_buf();
@@ -96,18 +110,19 @@ impl TlsPostgres {
         ]));
         let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
         let conf = format!(
-            "listen_addresses = '127.0.0.1'\nport = {port}\nunix_socket_directories = '{}'\nssl = on\nssl_cert_file = '{}'\nssl_key_file = '{}'\nfsync = off\n",
-            dir.display(), crt.display(), key.display()
+            "listen_addresses = '127.0.0.1'\nport = {port}\nunix_socket_directories = '{}'\nssl = {}\nssl_cert_file = '{}'\nssl_key_file = '{}'\nfsync = off\nmax_connections = 100\n",
+            dir.display(), if tls { "on" } else { "off" }, crt.display(), key.display()
         );
         let mut c = std::fs::read_to_string(data.join("postgresql.conf")).unwrap();
         c.push_str(&conf);
         std::fs::write(data.join("postgresql.conf"), c).unwrap();
-        // TLS or nothing.
-        std::fs::write(
-            data.join("pg_hba.conf"),
-            "local all all trust\nhostssl all all 127.0.0.1/32 trust\nhost all all 127.0.0.1/32 reject\n",
-        )
-        .unwrap();
+        // With TLS: TLS or nothing.
+        let hba = if tls {
+            "local all all trust\nhostssl all all 127.0.0.1/32 trust\nhost all all 127.0.0.1/32 reject\n"
+        } else {
+            "local all all trust\nhost all all 127.0.0.1/32 trust\n"
+        };
+        std::fs::write(data.join("pg_hba.conf"), hba).unwrap();
         if is_root() {
             run(Command::new("chown").args(["-R", "postgres"]).arg(&dir));
             run(Command::new("chmod").arg("600").arg(&key));

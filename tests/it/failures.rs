@@ -1,0 +1,441 @@
+//! The unhappy path: broker outages, retryable and permanent produce errors, dead letters,
+//! PostgreSQL sessions killed and the server restarted, blackholed connections.
+//! librdkafka's mock cluster and the TCP proxy inject the faults; everything else is real.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use outbox_relay::db::DbConfig;
+use outbox_relay::outbox::{Outbox, OutboxMessage};
+use outbox_relay::relay::DeadLetterPolicy;
+use outbox_relay::retry::Backoff;
+use rdkafka::mocking::MockCluster;
+use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
+use uuid::Uuid;
+
+use crate::support::kafka::{create_topic, figures, read_topic, read_topic_from};
+use crate::support::pg_tls::TlsPostgres;
+use crate::support::proxy::Proxy;
+use crate::support::relay::{config, InProcess};
+use crate::support::workload::{wait_until_empty, write_concurrently, write_paced};
+use crate::support::{connect, count, database_url, unique_name, TestSchema};
+
+fn mock_with_topic(partitions: i32) -> (MockCluster<'static, rdkafka::producer::DefaultProducerContext>, String) {
+    let mock = MockCluster::new(1).expect("mock cluster");
+    let topic = unique_name("mock").replace('_', "-");
+    mock.create_topic(&topic, partitions, 1).expect("mock topic");
+    (mock, topic)
+}
+
+async fn dead_letters(c: &tokio_postgres::Client, s: &TestSchema) -> Vec<(Option<String>, String, i32, String)> {
+    c.query(&s.q("SELECT key, reason, attempts, error_class FROM __SCHEMA__.dead_letters ORDER BY seq"), &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broker_outage_opens_then_closes_the_breaker_and_loses_nothing() {
+    let (mock, topic) = mock_with_topic(4);
+    let s = Arc::new(TestSchema::new(4).await);
+    let mut cfg = config(&s.name);
+    cfg.producer.brokers = mock.bootstrap_servers();
+    cfg.producer.message_timeout = Duration::from_millis(1500);
+    cfg.breaker.failure_threshold = 2;
+    cfg.breaker.cooldown = Duration::from_millis(500);
+    cfg.breaker.max_cooldown = Duration::from_secs(2);
+    cfg.retry = Backoff { base: Duration::from_millis(100), cap: Duration::from_secs(2) };
+    let relay = InProcess::start(cfg);
+    let mut committed = write_concurrently(&s, &topic, 2, 250).await;
+    wait_until_empty(&s, Duration::from_secs(60)).await;
+
+    mock.broker_down(1).unwrap();
+    let down_at = Instant::now();
+    committed.extend(write_concurrently(&s, &topic, 2, 250).await);
+    // Down for four times message.timeout.ms.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let opened = relay.stats.breaker_opened.load(Ordering::Relaxed);
+    let c = connect().await;
+    let backlog = count(&c, &s.q("SELECT count(*) FROM __SCHEMA__.messages")).await;
+    mock.broker_up(1).unwrap();
+    let outage = down_at.elapsed();
+    let recovery = wait_until_empty(&s, Duration::from_secs(90)).await;
+    let stats = relay.shutdown().await;
+
+    let received = read_topic_from(&mock.bootstrap_servers(), &topic, committed.len(), Duration::from_secs(60));
+    let f = figures(&committed, &received);
+    let dead = dead_letters(&c, &s).await;
+    let probes = stats.probes.load(Ordering::Relaxed);
+    println!(
+        "figures: outage {outage:?}, backlog at its end {backlog}, breaker opened {opened} / closed {}, probes while open {probes}, \
+         retries recorded {}, recovery after broker up {recovery:?}; committed {}, distinct {}, duplicates {}, lost {}, \
+         order violations {}, dead letters {}",
+        stats.breaker_closed.load(Ordering::Relaxed),
+        stats.retried.load(Ordering::Relaxed),
+        f.committed, f.distinct, f.duplicates, f.lost, f.order_violations, dead.len()
+    );
+    assert!(opened >= 1, "the breaker opened during the outage");
+    assert!(stats.breaker_closed.load(Ordering::Relaxed) >= 1, "and closed after it");
+    assert!(backlog > 0, "rows waited in the outbox during the outage");
+    assert!(probes <= 20, "no retry storm: {probes} probes in a {outage:?} outage");
+    assert_eq!(f.lost, 0);
+    assert_eq!(f.distinct, f.committed);
+    assert_eq!(f.order_violations, 0);
+    assert!(dead.is_empty(), "an outage dead-letters nothing: {dead:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retryable_produce_errors_are_retried_with_growing_jittered_delays_in_key_order() {
+    let (mock, topic) = mock_with_topic(2);
+    let s = TestSchema::new(2).await;
+    let cap = Duration::from_millis(1500);
+    let mut cfg = config(&s.name);
+    cfg.producer.brokers = mock.bootstrap_servers();
+    cfg.producer.message_timeout = Duration::from_millis(400);
+    // Keep the breaker out of this test: it is about per-row retries.
+    cfg.breaker.failure_threshold = 10_000;
+    cfg.breaker.min_volume = 10_000;
+    cfg.retry = Backoff { base: Duration::from_millis(50), cap };
+    cfg.max_attempts = 100;
+    // The broker answers produce requests with a retryable error for a while.
+    mock.request_errors(RDKafkaApiKey::Produce, &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_NOT_ENOUGH_REPLICAS; 60]);
+    let relay = InProcess::start(cfg);
+    let committed = write_concurrently(&s, &topic, 2, 100).await;
+    wait_until_empty(&s, Duration::from_secs(120)).await;
+    let stats = relay.shutdown().await;
+
+    let delays: Vec<(u32, Duration)> = stats.retry_delays.lock().unwrap().iter().copied().collect();
+    let received = read_topic_from(&mock.bootstrap_servers(), &topic, committed.len(), Duration::from_secs(60));
+    let f = figures(&committed, &received);
+    let max_at = |a: u32| delays.iter().filter(|(n, _)| *n == a).map(|(_, d)| *d).max();
+    let distinct: std::collections::HashSet<Duration> = delays.iter().map(|(_, d)| *d).collect();
+    let deepest = delays.iter().map(|(n, _)| *n).max().unwrap_or(0);
+    println!(
+        "figures: retries {}, distinct delays {}, deepest attempt {deepest}, max delay at attempt 0 {:?}, at the deepest {:?}, \
+         cap {cap:?}; committed {}, distinct {}, duplicates {}, lost {}, order violations {}",
+        delays.len(), distinct.len(), max_at(0), max_at(deepest), f.committed, f.distinct, f.duplicates, f.lost, f.order_violations
+    );
+    assert!(delays.len() >= 5, "rows were retried: {}", delays.len());
+    assert!(distinct.len() > 1, "jittered delays are not all equal");
+    assert!(delays.iter().all(|(_, d)| *d <= cap), "every delay stays under the cap");
+    for (attempt, d) in &delays {
+        let ceiling = Duration::from_millis(50 * (1u64 << (*attempt).min(20))).min(cap);
+        assert!(*d <= ceiling, "attempt {attempt}: delay {d:?} above its ceiling {ceiling:?}");
+    }
+    assert!(deepest >= 2, "some rows failed several times, so their delay ceilings grew");
+    assert_eq!(f.lost, 0);
+    assert_eq!(f.distinct, f.committed);
+    assert_eq!(f.order_violations, 0, "per-key order held through the retries");
+}
+
+/// Rows written by raw SQL that break the rules, next to good ones.
+async fn insert_bad_rows(c: &tokio_postgres::Client, s: &TestSchema, topic: &str) {
+    let big = vec![7u8; 1_500_000];
+    let insert = s.q(
+        "INSERT INTO __SCHEMA__.messages (id, topic, key, payload, headers) VALUES ($1, $2, $3, $4, $5::text::jsonb)",
+    );
+    c.execute(&insert, &[&Uuid::now_v7(), &topic, &"big", &big, &"{}"]).await.unwrap();
+    c.execute(&insert, &[&Uuid::now_v7(), &"not a topic!", &"badtopic", &b"x".to_vec(), &"{}"]).await.unwrap();
+    c.execute(&insert, &[&Uuid::now_v7(), &topic, &"badheaders", &b"x".to_vec(), &"{\"n\": 1}"]).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn permanent_failures_are_dead_lettered_after_one_attempt_while_others_flow() {
+    let s = TestSchema::new(4).await;
+    let topic = create_topic("perm", 2).await;
+    let c = connect().await;
+    let mut committed = write_concurrently(&s, &topic, 1, 100).await;
+    insert_bad_rows(&c, &s, &topic).await;
+    committed.extend(write_concurrently(&s, &topic, 1, 100).await);
+    let relay = InProcess::start(config(&s.name));
+    wait_until_empty(&s, Duration::from_secs(60)).await;
+    let stats = relay.shutdown().await;
+
+    let dead = dead_letters(&c, &s).await;
+    let received = read_topic(&topic, committed.len(), Duration::from_secs(60));
+    let f = figures(&committed, &received);
+    println!(
+        "figures: dead letters {dead:?}; good rows committed {}, distinct {}, lost {}",
+        f.committed, f.distinct, f.lost
+    );
+    let reason_of = |k: &str| dead.iter().find(|d| d.0.as_deref() == Some(k)).map(|d| (d.1.as_str(), d.2));
+    assert_eq!(reason_of("big"), Some(("message_too_large", 1)));
+    assert_eq!(reason_of("badtopic"), Some(("malformed_row", 1)));
+    assert_eq!(reason_of("badheaders"), Some(("malformed_row", 1)));
+    assert_eq!(dead.len(), 3);
+    assert_eq!(stats.dead_lettered.load(Ordering::Relaxed), 3);
+    assert_eq!(f.lost, 0, "the good rows kept flowing");
+    assert_eq!(f.distinct, 200);
+    let errors: Vec<String> = c
+        .query(&s.q("SELECT last_error FROM __SCHEMA__.dead_letters"), &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert!(errors.iter().all(|e| !e.is_empty()), "each dead letter says what failed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_topic_is_dead_lettered_after_one_attempt() {
+    let (mock, topic) = mock_with_topic(1);
+    let s = TestSchema::new(2).await;
+    let mut cfg = config(&s.name);
+    cfg.producer.brokers = mock.bootstrap_servers();
+    cfg.producer.properties = vec![
+        ("allow.auto.create.topics".into(), "false".into()),
+        ("topic.metadata.propagation.max.ms".into(), "500".into()),
+    ];
+    let c = connect().await;
+    let committed = write_concurrently(&s, &topic, 1, 50).await;
+    c.execute(&s.q("SELECT __SCHEMA__.enqueue('no-such-topic', 'lost-key', '\\x01')"), &[]).await.unwrap();
+    let relay = InProcess::start(cfg);
+    wait_until_empty(&s, Duration::from_secs(60)).await;
+    relay.shutdown().await;
+    let dead = dead_letters(&c, &s).await;
+    let received = read_topic_from(&mock.bootstrap_servers(), &topic, committed.len(), Duration::from_secs(30));
+    let f = figures(&committed, &received);
+    println!("figures: dead letters {dead:?}; others delivered {} of {}", f.distinct, f.committed);
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].1, "unknown_topic");
+    assert_eq!(dead[0].2, 1, "after one attempt");
+    assert_eq!(f.lost, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn park_key_holds_later_rows_of_the_key_until_an_operator_acts() {
+    let s = TestSchema::new(4).await;
+    let topic = create_topic("park", 2).await;
+    let c = connect().await;
+    let outbox = Outbox::new(s.name.clone()).with_max_payload_bytes(2_000_000);
+    let msg = |key: &str, size: usize| {
+        OutboxMessage::builder(topic.as_str()).key(key).payload(vec![1u8; size]).build().unwrap()
+    };
+    let mut batch = vec![msg("parked", 1_500_000)]; // too large for the producer: dead-lettered
+    for i in 0..5 {
+        batch.push(msg("parked", 10));
+        batch.push(msg(&format!("free-{i}"), 10));
+    }
+    let mut client = connect().await;
+    let tx = client.transaction().await.unwrap();
+    let ids = outbox.enqueue_batch(&tx, &batch).await.unwrap();
+    tx.commit().await.unwrap();
+
+    let mut cfg = config(&s.name);
+    cfg.dead_letter_policy = DeadLetterPolicy::ParkKey;
+    let relay = InProcess::start(cfg);
+    let start = Instant::now();
+    loop {
+        let left = count(&c, &s.q("SELECT count(*) FROM __SCHEMA__.messages")).await;
+        let dead = count(&c, &s.q("SELECT count(*) FROM __SCHEMA__.dead_letters")).await;
+        if left == 5 && dead == 1 {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(30), "left {left}, dead {dead}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Hold for a while: nothing of the parked key moves.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let waiting = count(&c, &s.q("SELECT count(*) FROM __SCHEMA__.messages WHERE key = 'parked'")).await;
+    let parked = count(&c, &s.q("SELECT count(*) FROM __SCHEMA__.parked_keys WHERE key = 'parked'")).await;
+    let free = read_topic(&topic, 5, Duration::from_secs(30));
+    // The operator acts (what `dlq discard` does): unpark.
+    c.execute(&s.q("DELETE FROM __SCHEMA__.parked_keys WHERE key = 'parked'"), &[]).await.unwrap();
+    wait_until_empty(&s, Duration::from_secs(30)).await;
+    relay.shutdown().await;
+    let all = read_topic(&topic, 10, Duration::from_secs(30));
+    let parked_order: Vec<Uuid> = all.iter().filter(|r| r.key.as_deref() == Some("parked")).map(|r| r.id).collect();
+    let expected: Vec<Uuid> =
+        ids.iter().zip(&batch).skip(1).filter(|(_, m)| m.key() == Some("parked")).map(|(id, _)| *id).collect();
+    println!("figures: while parked, rows of the key waiting {waiting}, other keys delivered {}; after unparking {} delivered in order", free.len(), parked_order.len());
+    assert_eq!(waiting, 5, "later rows of the parked key wait");
+    assert_eq!(parked, 1);
+    assert_eq!(free.len(), 5, "other keys flow");
+    assert!(free.iter().all(|r| r.key.as_deref() != Some("parked")));
+    assert_eq!(parked_order, expected, "after the operator acts they go, in order");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relay_recovers_by_itself_from_killed_sessions_and_a_server_restart() {
+    let server = TlsPostgres::start_with(false);
+    let url = server.url("127.0.0.1", "sslmode=disable");
+    let db = DbConfig::parse(&url).unwrap();
+    let schema = outbox_relay::schema::SchemaName::new("restart_outbox").unwrap();
+    let mut admin = db.connect().await.unwrap();
+    outbox_relay::schema::migrate(&mut admin, &schema, Some(4)).await.unwrap();
+    let topic = create_topic("pgfault", 2).await;
+    let mut cfg = config(&schema);
+    cfg.db = db.clone();
+    cfg.batch_size = 20;
+    let relay = InProcess::start(cfg);
+
+    // Writers use idempotency keys, so a commit whose outcome a restart hid is simply retried.
+    let writer_db = db.clone();
+    let (schema_w, topic_w) = (schema.clone(), topic.clone());
+    let writer = tokio::spawn(async move {
+        let outbox = Outbox::new(schema_w);
+        let mut committed = Vec::new();
+        let mut client: Option<tokio_postgres::Client> = None;
+        for n in 0..3000usize {
+            let key = format!("k{}", n % 10);
+            let m = OutboxMessage::builder(topic_w.as_str())
+                .key(&key)
+                .json(&n)
+                .idempotency_key(format!("req-{n}"))
+                .build()
+                .unwrap();
+            loop {
+                if client.as_ref().is_none_or(|c| c.is_closed()) {
+                    client = writer_db.connect().await.ok();
+                }
+                let Some(c) = client.as_mut() else {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                };
+                let attempt = async {
+                    let tx = c.transaction().await.map_err(|e| e.to_string())?;
+                    let id = outbox.enqueue(&tx, &m).await.map_err(|e| e.to_string())?;
+                    tx.commit().await.map_err(|e| e.to_string())?;
+                    Ok::<Uuid, String>(id)
+                };
+                match attempt.await {
+                    Ok(id) => {
+                        committed.push((id, key.clone()));
+                        break;
+                    }
+                    Err(_) => {
+                        client = None;
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                }
+            }
+            if n % 50 == 0 {
+                tokio::time::sleep(Duration::from_millis(60)).await;
+            }
+        }
+        committed
+    });
+
+    let mut killed = 0u64;
+    for round in 0..3 {
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        let c = db.connect().await.unwrap();
+        let n: i64 = c
+            .query_one(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
+                 WHERE application_name LIKE 'outbox-relay%' AND pid <> pg_backend_pid()",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        killed += n as u64;
+        println!("round {round}: terminated {n} relay sessions");
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let acquired_before = relay.stats.lanes_acquired.load(Ordering::Relaxed);
+    server.restart();
+    let restarted_at = Instant::now();
+    // Recovery: every lane owned again after the restart cut all sessions.
+    let lanes_back = loop {
+        if relay.stats.lanes_acquired.load(Ordering::Relaxed) >= acquired_before + 4 {
+            break restarted_at.elapsed();
+        }
+        assert!(restarted_at.elapsed() < Duration::from_secs(60), "lanes not re-acquired after the restart");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let committed = writer.await.unwrap();
+    let start = Instant::now();
+    loop {
+        let left = match db.connect().await {
+            Ok(c) => count(&c, "SELECT count(*) FROM restart_outbox.messages").await,
+            Err(_) => -1,
+        };
+        if left == 0 {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(120), "{left} rows left");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let recovered = restarted_at.elapsed();
+    let stats = relay.shutdown().await;
+    let received = read_topic(&topic, committed.len(), Duration::from_secs(60));
+    let f = figures(&committed, &received);
+    println!(
+        "figures: sessions terminated {killed}, lane sessions lost {}, all lanes owned again {lanes_back:?} after the restart, \
+         outbox drained {recovered:?} after it; \
+         committed {}, distinct {}, duplicates {}, lost {}, order violations {}",
+        stats.sessions_lost.load(Ordering::Relaxed), f.committed, f.distinct, f.duplicates, f.lost, f.order_violations
+    );
+    assert!(killed > 0);
+    assert!(stats.sessions_lost.load(Ordering::Relaxed) > 0);
+    assert_eq!(f.committed, 3000);
+    assert_eq!(f.lost, 0, "rows lost");
+    // Each of the four interruptions can resend at most one batch (20) per lane (4).
+    assert!(f.duplicates <= 4 * 4 * 20, "duplicates {} beyond what was in flight", f.duplicates);
+    assert_eq!(f.order_violations, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blackholed_database_connection_does_not_hang_the_relay() {
+    let s = Arc::new(TestSchema::new(2).await);
+    let topic = create_topic("blackhole", 1).await;
+    let target = {
+        let cfg = DbConfig::parse(&database_url()).unwrap();
+        format!("127.0.0.1:{}", cfg.config().get_ports()[0])
+    };
+    let proxy = Proxy::start(target).await;
+    let url = {
+        let cfg = DbConfig::parse(&database_url()).unwrap();
+        let port = cfg.config().get_ports()[0];
+        database_url().replace(&format!(":{port}/"), &format!(":{}/", proxy.port))
+    };
+    let mut cfg = config(&s.name);
+    cfg.db = DbConfig::parse(&url).unwrap().with_connect_timeout(Duration::from_secs(1));
+    cfg.db_call_timeout = Duration::from_secs(2);
+    cfg.heartbeat_interval = Duration::from_millis(300);
+    cfg.poll_interval = Duration::from_millis(200);
+    cfg.shutdown_timeout = Duration::from_secs(3);
+    let relay = InProcess::start(cfg);
+    let mut committed = write_concurrently(&s, &topic, 1, 200).await;
+    wait_until_empty(&s, Duration::from_secs(30)).await;
+
+    proxy.set_blackhole(true);
+    let holed_at = Instant::now();
+    // Writers go straight to the server; only the relay's path is cut.
+    let (sw, tw) = (s.clone(), topic.clone());
+    let writes = tokio::spawn(async move { write_paced(&sw, &tw, 1, 200, Duration::from_millis(20)).await });
+    let lost_before = relay.stats.sessions_lost.load(Ordering::Relaxed);
+    let detected = loop {
+        if relay.stats.sessions_lost.load(Ordering::Relaxed) > lost_before {
+            break holed_at.elapsed();
+        }
+        assert!(holed_at.elapsed() < Duration::from_secs(30), "the relay hung on a blackholed connection");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    proxy.set_blackhole(false);
+    proxy.reset_connections();
+    committed.extend(writes.await.unwrap());
+    let recovered = wait_until_empty(&s, Duration::from_secs(60)).await;
+
+    // A shutdown while the path is blackholed still ends within its deadlines.
+    proxy.set_blackhole(true);
+    let stop_at = Instant::now();
+    relay.shutdown().await;
+    let stopped = stop_at.elapsed();
+    proxy.set_blackhole(false);
+    let received = read_topic(&topic, committed.len(), Duration::from_secs(60));
+    let f = figures(&committed, &received);
+    println!(
+        "figures: blackhole detected after {detected:?} (call timeout 2 s), drained {recovered:?} after it lifted, \
+         shutdown under blackhole took {stopped:?}; committed {}, distinct {}, lost {}",
+        f.committed, f.distinct, f.lost
+    );
+    assert!(detected < Duration::from_secs(15));
+    assert!(stopped < Duration::from_secs(20), "shutdown hung: {stopped:?}");
+    assert_eq!(f.lost, 0);
+}

@@ -1,0 +1,77 @@
+//! Workloads the tests share: concurrent writers, waiting for the outbox to drain.
+
+use std::time::{Duration, Instant};
+
+use outbox_relay::outbox::{Outbox, OutboxMessage};
+use rand::Rng;
+use uuid::Uuid;
+
+use super::{connect, count, TestSchema};
+
+/// Writes `per_writer` rows from each of `writers` concurrent writers, in transactions of 1 to
+/// 40 rows; each writer owns its keys (`w<n>-k<m>`), as a business entity's row lock would make
+/// it. Returns (id, key) per writer in write order, concatenated.
+pub async fn write_concurrently(s: &TestSchema, topic: &str, writers: usize, per_writer: usize) -> Vec<(Uuid, String)> {
+    write_paced(s, topic, writers, per_writer, Duration::ZERO).await
+}
+
+/// [`write_concurrently`] with a pause after each transaction, to spread writes over time.
+pub async fn write_paced(
+    s: &TestSchema,
+    topic: &str,
+    writers: usize,
+    per_writer: usize,
+    pause: Duration,
+) -> Vec<(Uuid, String)> {
+    let mut tasks = Vec::new();
+    for w in 0..writers {
+        let outbox = Outbox::new(s.name.clone());
+        let topic = topic.to_owned();
+        tasks.push(tokio::spawn(async move {
+            let mut client = connect().await;
+            let mut written = Vec::with_capacity(per_writer);
+            let mut n = 0;
+            while n < per_writer {
+                let size = rand::rng().random_range(1..=40).min(per_writer - n);
+                let batch: Vec<OutboxMessage> = (n..n + size)
+                    .map(|i| {
+                        OutboxMessage::builder(topic.as_str())
+                            .key(format!("w{w}-k{}", i % 25))
+                            .json(&serde_json::json!({ "writer": w, "n": i }))
+                            .build()
+                            .unwrap()
+                    })
+                    .collect();
+                let tx = client.transaction().await.unwrap();
+                let ids = outbox.enqueue_batch(&tx, &batch).await.unwrap();
+                tx.commit().await.unwrap();
+                for (id, m) in ids.into_iter().zip(&batch) {
+                    written.push((id, m.key().unwrap().to_owned()));
+                }
+                n += size;
+                if !pause.is_zero() {
+                    tokio::time::sleep(pause).await;
+                }
+            }
+            written
+        }));
+    }
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await.unwrap());
+    }
+    all
+}
+
+pub async fn wait_until_empty(s: &TestSchema, within: Duration) -> Duration {
+    let c = connect().await;
+    let start = Instant::now();
+    loop {
+        let left = count(&c, &s.q("SELECT count(*) FROM __SCHEMA__.messages")).await;
+        if left == 0 {
+            return start.elapsed();
+        }
+        assert!(start.elapsed() < within, "{left} rows still in the outbox after {within:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
