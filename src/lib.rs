@@ -8,6 +8,8 @@
 //! - [`db`]: PostgreSQL connections with timeouts and server-verifying TLS.
 //! - [`classify`]: every error, classified once where it enters: retry or not.
 //! - [`retry`]: capped exponential backoff with full jitter.
+//! - [`inbox`] (feature `inbox`): exactly-once effects; record a message id with the effect.
+//! - [`consumer`] (feature `consumer`): a consumer runner around rdkafka using the inbox.
 //! - [`relay`] (feature `relay`): the daemon; lanes, the delivery loop, the Kafka envelope.
 //!
 //! # Guarantees
@@ -25,7 +27,11 @@
 //! language the same writer as [`outbox::Outbox`].
 
 pub mod classify;
+#[cfg(feature = "consumer")]
+pub mod consumer;
 pub mod db;
+#[cfg(feature = "inbox")]
+pub mod inbox;
 pub mod outbox;
 #[cfg(feature = "relay")]
 pub mod relay;

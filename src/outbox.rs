@@ -38,6 +38,9 @@ pub const DEFAULT_MAX_PAYLOAD_BYTES: usize = 1_000_000;
 /// `idempotent_id` uses the same, so both APIs give one id for one key).
 pub const IDEMPOTENCY_NAMESPACE: Uuid = uuid::uuid!("7d23c104-60d5-4fd5-9f73-75537a8eb7bd");
 
+/// The Kafka header that carries the message id (CloudEvents `ce_id`); the inbox reads it.
+pub const ID_HEADER: &str = "ce_id";
+
 /// Content type of payloads given as bytes.
 pub const CONTENT_TYPE_BYTES: &str = "application/octet-stream";
 /// Content type of payloads given as JSON.

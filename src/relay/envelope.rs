@@ -7,8 +7,7 @@ use super::claim::ClaimedRow;
 
 /// CloudEvents spec version written in `ce_specversion`.
 pub const CE_SPECVERSION: &str = "1.0";
-/// The header the inbox reads the message id from by default.
-pub const ID_HEADER: &str = "ce_id";
+pub use crate::outbox::ID_HEADER;
 
 /// Builds the headers of one row's record.
 pub fn headers(row: &ClaimedRow, source: &str) -> OwnedHeaders {

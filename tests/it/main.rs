@@ -8,6 +8,7 @@
 mod support;
 
 mod failures;
+mod inbox;
 mod migrate;
 mod relay;
 mod tls;

@@ -1,0 +1,448 @@
+//! The inbox and the consumer runner against PostgreSQL and the broker: effects applied once
+//! through redeliveries, restarts, crashes between commit and offset, racing consumers, poison.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use outbox_relay::consumer::{
+    self, ConsumedMessage, ConsumerConfig, ConsumerStats, CrashAfterCommit, Handler, HandlerFuture, PoisonPolicy,
+};
+use outbox_relay::db::DbConfig;
+use outbox_relay::inbox::{Inbox, InboxMessage, InboxOutcome};
+use outbox_relay::retry::Backoff;
+use rand::Rng;
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::ClientConfig;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use crate::support::kafka::create_topic;
+use crate::support::{connect, count, database_url, kafka_brokers, unique_name, TestSchema};
+
+/// Applies an effect: one row per application, so a second application would show.
+struct Effects {
+    table: String,
+    consumer: String,
+}
+
+impl Handler for Effects {
+    fn handle<'a>(&'a self, tx: &'a tokio_postgres::Transaction<'a>, m: &'a ConsumedMessage) -> HandlerFuture<'a> {
+        Box::pin(async move {
+            let payload = std::str::from_utf8(m.payload.as_deref().unwrap_or_default())?;
+            if payload == "poison" {
+                return Err("this message always fails".into());
+            }
+            let amount: i64 = payload.parse().unwrap_or(1);
+            tx.execute(
+                &format!("INSERT INTO {} (consumer, message_id, amount) VALUES ($1, $2, $3)", self.table),
+                &[&self.consumer, &m.id, &amount],
+            )
+            .await?;
+            Ok(())
+        })
+    }
+}
+
+async fn effects_table(s: &TestSchema) -> String {
+    let c = connect().await;
+    c.batch_execute(&s.q("CREATE TABLE __SCHEMA__.effects (consumer text, message_id uuid, amount bigint)"))
+        .await
+        .unwrap();
+    format!("{}.effects", s.name.ident())
+}
+
+/// Produces records straight to the broker, as the relay would (ce_id header), in order.
+async fn produce(topic: &str, records: &[(Option<Uuid>, String, String)]) {
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", kafka_brokers())
+        .set("enable.idempotence", "true")
+        .set("linger.ms", "5")
+        .create()
+        .unwrap();
+    let mut pending = Vec::with_capacity(records.len());
+    for (id, key, payload) in records {
+        let id_text = id.map(|i| i.to_string());
+        let mut headers = OwnedHeaders::new();
+        if let Some(t) = &id_text {
+            headers = headers.insert(Header { key: "ce_id", value: Some(t.as_str()) });
+        }
+        let record = FutureRecord::to(topic).key(key.as_str()).payload(payload.as_str()).headers(headers);
+        pending.push(producer.send_result(record).map_err(|(e, _)| e).unwrap());
+    }
+    for p in pending {
+        p.await.unwrap().map_err(|(e, _)| e).unwrap();
+    }
+}
+
+struct Running {
+    stop: CancellationToken,
+    stats: Arc<ConsumerStats>,
+    task: JoinHandle<Result<(), consumer::ConsumerError>>,
+}
+
+fn config(s: &TestSchema, topic: &str, group: &str, name: &str) -> ConsumerConfig {
+    let mut c = ConsumerConfig::new(
+        kafka_brokers(),
+        group,
+        vec![topic.to_owned()],
+        name,
+        s.name.clone(),
+        DbConfig::parse(&database_url()).unwrap(),
+    );
+    c.backoff = Backoff { base: Duration::from_millis(10), cap: Duration::from_millis(100) };
+    c.shutdown_timeout = Duration::from_secs(20);
+    c
+}
+
+fn start(config: ConsumerConfig, table: &str) -> Running {
+    let stop = CancellationToken::new();
+    let stats = Arc::new(ConsumerStats::default());
+    let handler = Arc::new(Effects { table: table.to_owned(), consumer: config.consumer_name.clone() });
+    let task = tokio::spawn(consumer::run(config, handler, stop.clone(), stats.clone()));
+    Running { stop, stats, task }
+}
+
+impl Running {
+    fn seen(&self) -> u64 {
+        self.stats.processed.load(Ordering::Relaxed)
+            + self.stats.duplicates.load(Ordering::Relaxed)
+            + self.stats.conflicts.load(Ordering::Relaxed)
+            + self.stats.dead_lettered.load(Ordering::Relaxed)
+    }
+
+    async fn wait_seen(&self, n: u64, within: Duration) {
+        let start = Instant::now();
+        while self.seen() < n {
+            assert!(start.elapsed() < within, "consumer saw {} of {n} in {within:?}", self.seen());
+            assert!(!self.task.is_finished(), "consumer stopped early");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    async fn stop(self) -> Arc<ConsumerStats> {
+        self.stop.cancel();
+        self.task.await.unwrap().expect("consumer ran without error");
+        self.stats
+    }
+}
+
+async fn effect_figures(s: &TestSchema, consumer: &str) -> (i64, i64) {
+    let c = connect().await;
+    let applied =
+        count(&c, &s.q(&format!("SELECT count(*) FROM __SCHEMA__.effects WHERE consumer = '{consumer}'"))).await;
+    let distinct = count(
+        &c,
+        &s.q(&format!("SELECT count(DISTINCT message_id) FROM __SCHEMA__.effects WHERE consumer = '{consumer}'")),
+    )
+    .await;
+    (applied, distinct)
+}
+
+fn messages(n: usize) -> Vec<(Option<Uuid>, String, String)> {
+    (0..n).map(|i| (Some(Uuid::now_v7()), format!("k{}", i % 40), (i % 7 + 1).to_string())).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_delivered_twice_and_replayed_from_offset_0_apply_once() {
+    let s = TestSchema::new(2).await;
+    let table = effects_table(&s).await;
+    let topic = create_topic("inbox-twice", 4).await;
+    let msgs = messages(10_000);
+    produce(&topic, &msgs).await;
+    produce(&topic, &msgs).await; // every message delivered twice
+
+    let mut cfg = config(&s, &topic, &unique_name("g"), "billing");
+    cfg.batch_size = 100;
+    let first = start(cfg.clone(), &table);
+    first.wait_seen(20_000, Duration::from_secs(180)).await;
+    let a = first.stop().await;
+    // A restart that reads everything again from offset 0 (a new group).
+    cfg.group_id = unique_name("g");
+    let again = start(cfg, &table);
+    again.wait_seen(20_000, Duration::from_secs(180)).await;
+    let b = again.stop().await;
+
+    let (applied, distinct) = effect_figures(&s, "billing").await;
+    let dups = a.duplicates.load(Ordering::Relaxed) + b.duplicates.load(Ordering::Relaxed);
+    println!(
+        "figures: records consumed 40000, effects applied {applied}, distinct {distinct}, duplicates counted {dups}, \
+              processed {} + {}",
+        a.processed.load(Ordering::Relaxed),
+        b.processed.load(Ordering::Relaxed)
+    );
+    assert_eq!(applied, 10_000, "effects applied");
+    assert_eq!(distinct, 10_000);
+    assert_eq!(dups, 30_000, "duplicates counted = the rest");
+    assert_eq!(b.processed.load(Ordering::Relaxed), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consumer_crashing_between_db_commit_and_offset_store_applies_nothing_twice() {
+    let s = TestSchema::new(2).await;
+    let table = effects_table(&s).await;
+    let topic = create_topic("inbox-crash", 2).await;
+    let msgs = messages(2_000);
+    produce(&topic, &msgs).await;
+    let group = unique_name("g");
+    let mut crashes = 0;
+    let mut redelivered = 0;
+    let start_all = Instant::now();
+    loop {
+        let crashed = Arc::new(AtomicU64::new(0));
+        let mut cfg = config(&s, &topic, &group, "ledger");
+        if crashes < 10 {
+            // Crash right after the commit of a random message, before its offset is stored.
+            let c = crashed.clone();
+            cfg.crash_after_commit = Some(CrashAfterCommit(Arc::new(move |_m| {
+                if rand::rng().random_range(0..120) == 0 {
+                    c.fetch_add(1, Ordering::Relaxed);
+                    true
+                } else {
+                    false
+                }
+            })));
+        }
+        let r = start(cfg, &table);
+        let done = loop {
+            if r.task.is_finished() {
+                break false;
+            }
+            let (applied, _) = effect_figures(&s, "ledger").await;
+            if applied >= 2_000 && crashes >= 10 {
+                break true;
+            }
+            assert!(start_all.elapsed() < Duration::from_secs(240), "stuck: {applied} applied after {crashes} crashes");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        let stats = r.stats.clone();
+        redelivered += stats.duplicates.load(Ordering::Relaxed);
+        if done {
+            r.stop().await;
+            break;
+        }
+        let result = r.task.await.unwrap();
+        assert!(matches!(result, Err(consumer::ConsumerError::InjectedCrash)), "{result:?}");
+        crashes += crashed.load(Ordering::Relaxed);
+        let (applied, _) = effect_figures(&s, "ledger").await;
+        if applied >= 2_000 && crashes >= 10 {
+            break;
+        }
+    }
+    let (applied, distinct) = effect_figures(&s, "ledger").await;
+    println!(
+        "figures: crashes between commit and offset {crashes}, redeliveries seen as duplicates {redelivered}, \
+              effects applied {applied}, distinct {distinct}, duplicate effects {}",
+        applied - distinct
+    );
+    assert!(crashes >= 10);
+    assert_eq!(applied, 2_000);
+    assert_eq!(applied - distinct, 0, "duplicate effects");
+    assert!(redelivered >= crashes, "each crash redelivered at least the message it crashed on");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_consumers_of_one_group_racing_on_the_same_ids_apply_each_once() {
+    let s = TestSchema::new(2).await;
+    let table = effects_table(&s).await;
+    let topic = create_topic("inbox-race", 4).await;
+    // Every id twice, under different keys, so its copies land in different partitions and
+    // likely at different consumers at the same moment.
+    let base = messages(3_000);
+    let mut records = base.clone();
+    records.extend(base.iter().map(|(id, k, p)| (*id, format!("{k}-copy"), p.clone())));
+    produce(&topic, &records).await;
+    let group = unique_name("g");
+    let a = start(config(&s, &topic, &group, "shipping"), &table);
+    a.wait_seen(500, Duration::from_secs(60)).await;
+    let b = start(config(&s, &topic, &group, "shipping"), &table); // rebalance
+    let start_t = Instant::now();
+    while a.seen() + b.seen() < 4_000 {
+        assert!(start_t.elapsed() < Duration::from_secs(120));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let sa = a.stop().await; // another rebalance: b takes everything
+    let start_t = Instant::now();
+    loop {
+        let (applied, _) = effect_figures(&s, "shipping").await;
+        if applied >= 3_000 {
+            break;
+        }
+        assert!(start_t.elapsed() < Duration::from_secs(120), "applied {applied}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let sb = b.stop().await;
+    let (applied, distinct) = effect_figures(&s, "shipping").await;
+    println!("figures: consumer a processed {} dup {}, consumer b processed {} dup {}; effects applied {applied}, distinct {distinct}",
+        sa.processed.load(Ordering::Relaxed), sa.duplicates.load(Ordering::Relaxed),
+        sb.processed.load(Ordering::Relaxed), sb.duplicates.load(Ordering::Relaxed));
+    assert!(
+        sb.processed.load(Ordering::Relaxed) + sb.duplicates.load(Ordering::Relaxed) > 0,
+        "both consumers took part"
+    );
+    assert_eq!(applied, 3_000);
+    assert_eq!(applied - distinct, 0, "duplicate effects");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn poison_missing_id_and_conflicting_payload_are_dead_lettered_and_the_partition_goes_on() {
+    let s = TestSchema::new(2).await;
+    let table = effects_table(&s).await;
+    let topic = create_topic("inbox-poison", 1).await;
+    let ids: Vec<Uuid> = (0..6).map(|_| Uuid::now_v7()).collect();
+    let records = vec![
+        (Some(ids[0]), "k".to_string(), "1".to_string()),
+        (Some(ids[1]), "k".into(), "poison".into()),
+        (Some(ids[2]), "k".into(), "2".into()),
+        (None, "k".into(), "3".into()),
+        (Some(ids[3]), "k".into(), "4".into()),
+        (Some(ids[0]), "k".into(), "999".into()), // same id as the first, other payload
+        (Some(ids[4]), "k".into(), "5".into()),
+    ];
+    produce(&topic, &records).await;
+    let mut cfg = config(&s, &topic, &unique_name("g"), "audit");
+    cfg.max_attempts = 3;
+    let r = start(cfg, &table);
+    r.wait_seen(7, Duration::from_secs(60)).await;
+    let stats = r.stop().await;
+    let c = connect().await;
+    let dead: Vec<(Option<Uuid>, String, i32, i64)> = c
+        .query(&s.q("SELECT message_id, reason, attempts, kafka_offset FROM __SCHEMA__.inbox_dead_letters ORDER BY kafka_offset"), &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
+        .collect();
+    let applied: Vec<i64> = c
+        .query(&s.q("SELECT amount FROM __SCHEMA__.effects ORDER BY amount"), &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    println!(
+        "figures: effects {applied:?}; dead letters {dead:?}; handler errors {}, conflicts {}",
+        stats.handler_errors.load(Ordering::Relaxed),
+        stats.conflicts.load(Ordering::Relaxed)
+    );
+    assert_eq!(applied, vec![1, 2, 4, 5], "everything but the poison, the id-less and the conflicting one");
+    assert_eq!(dead.len(), 3);
+    assert_eq!((dead[0].0, dead[0].1.as_str(), dead[0].2), (Some(ids[1]), "handler_failed", 3));
+    assert_eq!((dead[1].0, dead[1].1.as_str()), (None, "missing_id"));
+    assert_eq!((dead[2].0, dead[2].1.as_str()), (Some(ids[0]), "conflicting_payload"));
+    assert_eq!(stats.handler_errors.load(Ordering::Relaxed), 3);
+    assert_eq!(stats.conflicts.load(Ordering::Relaxed), 1);
+    let payload: Vec<u8> = c
+        .query_one(&s.q("SELECT payload FROM __SCHEMA__.inbox_dead_letters WHERE reason = 'handler_failed'"), &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(payload, b"poison", "the dead letter keeps the payload for a replay");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn poison_under_the_stop_policy_stops_the_runner_and_says_which_message() {
+    let s = TestSchema::new(2).await;
+    let table = effects_table(&s).await;
+    let topic = create_topic("inbox-stop", 1).await;
+    let bad = Uuid::now_v7();
+    produce(
+        &topic,
+        &[
+            (Some(Uuid::now_v7()), "k".into(), "1".into()),
+            (Some(bad), "k".into(), "poison".into()),
+            (Some(Uuid::now_v7()), "k".into(), "2".into()),
+        ],
+    )
+    .await;
+    let mut cfg = config(&s, &topic, &unique_name("g"), "strict");
+    cfg.max_attempts = 2;
+    cfg.poison_policy = PoisonPolicy::Stop;
+    let r = start(cfg, &table);
+    let result =
+        tokio::time::timeout(Duration::from_secs(60), r.task).await.expect("the runner stops by itself").unwrap();
+    let err = result.expect_err("poison under stop is an error");
+    assert!(err.to_string().contains(&bad.to_string()), "{err}");
+    let (applied, _) = effect_figures(&s, "strict").await;
+    assert_eq!(applied, 1, "nothing after the poison message is applied");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batch_mode_applies_the_same_effects_as_single_mode() {
+    let s = TestSchema::new(2).await;
+    let table = effects_table(&s).await;
+    let topic = create_topic("inbox-batch", 4).await;
+    let msgs = messages(3_000);
+    let mut records = msgs.clone();
+    records.extend(msgs.iter().step_by(2).cloned()); // half of them twice
+    produce(&topic, &records).await;
+    let single = start(config(&s, &topic, &unique_name("g"), "single"), &table);
+    let mut bcfg = config(&s, &topic, &unique_name("g"), "batched");
+    bcfg.batch_size = 200;
+    let batched = start(bcfg, &table);
+    single.wait_seen(4_500, Duration::from_secs(180)).await;
+    batched.wait_seen(4_500, Duration::from_secs(180)).await;
+    let (ss, bs) = (single.stop().await, batched.stop().await);
+    let c = connect().await;
+    let sum = |name: &str| {
+        s.q(&format!("SELECT coalesce(sum(amount), 0)::bigint FROM __SCHEMA__.effects WHERE consumer = '{name}'"))
+    };
+    let (sum_single, sum_batched) = (count(&c, &sum("single")).await, count(&c, &sum("batched")).await);
+    let diff = count(
+        &c,
+        &s.q("SELECT count(*) FROM ((SELECT message_id, amount FROM __SCHEMA__.effects WHERE consumer = 'single'
+                               EXCEPT SELECT message_id, amount FROM __SCHEMA__.effects WHERE consumer = 'batched')
+                              UNION ALL
+                              (SELECT message_id, amount FROM __SCHEMA__.effects WHERE consumer = 'batched'
+                               EXCEPT SELECT message_id, amount FROM __SCHEMA__.effects WHERE consumer = 'single')) d"),
+    )
+    .await;
+    println!("figures: single processed {} dup {}, batched processed {} dup {}; sums {sum_single} / {sum_batched}; rows differing {diff}",
+        ss.processed.load(Ordering::Relaxed), ss.duplicates.load(Ordering::Relaxed),
+        bs.processed.load(Ordering::Relaxed), bs.duplicates.load(Ordering::Relaxed));
+    assert_eq!(effect_figures(&s, "single").await, (3_000, 3_000));
+    assert_eq!(effect_figures(&s, "batched").await, (3_000, 3_000));
+    assert_eq!(sum_single, sum_batched);
+    assert_eq!(diff, 0, "the same effects, message by message");
+    assert_eq!(bs.duplicates.load(Ordering::Relaxed), 1_500);
+}
+
+#[tokio::test]
+async fn inbox_reports_processed_duplicate_and_conflict_in_the_callers_transaction() {
+    let s = TestSchema::new(2).await;
+    let mut c = connect().await;
+    let inbox = Inbox::new(s.name.clone(), "svc").unwrap();
+    let id = Uuid::now_v7();
+    let tx = c.transaction().await.unwrap();
+    assert_eq!(inbox.record(&tx, &InboxMessage::new(id, Some(b"a"))).await.unwrap(), InboxOutcome::Processed);
+    tx.rollback().await.unwrap(); // the caller's choice: nothing recorded
+    let tx = c.transaction().await.unwrap();
+    assert_eq!(inbox.record(&tx, &InboxMessage::new(id, Some(b"a"))).await.unwrap(), InboxOutcome::Processed);
+    tx.commit().await.unwrap();
+    let tx = c.transaction().await.unwrap();
+    assert_eq!(inbox.record(&tx, &InboxMessage::new(id, Some(b"a"))).await.unwrap(), InboxOutcome::Duplicate);
+    assert!(matches!(
+        inbox.record(&tx, &InboxMessage::new(id, Some(b"b"))).await.unwrap(),
+        InboxOutcome::Conflict { .. }
+    ));
+    let other = Uuid::now_v7();
+    let batch =
+        [InboxMessage::new(other, Some(b"x")), InboxMessage::new(id, Some(b"a")), InboxMessage::new(other, Some(b"x"))];
+    let outcomes = inbox.record_batch(&tx, &batch).await.unwrap();
+    assert_eq!(outcomes, vec![InboxOutcome::Processed, InboxOutcome::Duplicate, InboxOutcome::Duplicate]);
+    tx.commit().await.unwrap();
+    assert_eq!(count(&c, &s.q("SELECT count(*) FROM __SCHEMA__.inbox")).await, 2);
+    // Retention: rows older than the window go, in chunks.
+    c.execute(
+        &s.q("UPDATE __SCHEMA__.inbox SET processed_at = now() - interval '8 days' WHERE message_id = $1"),
+        &[&id],
+    )
+    .await
+    .unwrap();
+    let purged = inbox.purge(&c, Duration::from_secs(7 * 24 * 3600), 1).await.unwrap();
+    assert_eq!(purged, 1);
+    assert_eq!(count(&c, &s.q("SELECT count(*) FROM __SCHEMA__.inbox")).await, 1);
+}
