@@ -309,7 +309,9 @@ pub async fn run<H: Handler>(
         .set("auto.offset.reset", "earliest")
         .set("session.timeout.ms", "10000")
         .set("heartbeat.interval.ms", "1000")
-        .set("socket.timeout.ms", "10000");
+        .set("socket.timeout.ms", "10000")
+        // A consumer may start before its topic exists: notice it (and new partitions) in seconds.
+        .set("topic.metadata.refresh.interval.ms", "5000");
     for (k, v) in &config.properties {
         kc.set(k, v);
     }

@@ -216,15 +216,25 @@ impl Inbox {
         older_than: Duration,
         chunk: i64,
     ) -> Result<u64, InboxError> {
-        let secs = older_than.as_secs() as i64;
         let mut total = 0;
         loop {
-            let n = client.execute(&self.purge_sql, &[&self.consumer, &secs, &chunk]).await?;
+            let n = self.purge_chunk(client, older_than, chunk).await?;
             total += n;
             if n < chunk as u64 {
                 return Ok(total);
             }
         }
+    }
+
+    /// One statement of [`purge`](Self::purge): deletes at most `chunk` rows, returns how many.
+    pub async fn purge_chunk(
+        &self,
+        client: &impl GenericClient,
+        older_than: Duration,
+        chunk: i64,
+    ) -> Result<u64, InboxError> {
+        let secs = older_than.as_secs() as i64;
+        Ok(client.execute(&self.purge_sql, &[&self.consumer, &secs, &chunk]).await?)
     }
 }
 

@@ -5,6 +5,7 @@ use outbox_relay::db::DbConfig;
 use outbox_relay::schema::SchemaName;
 
 mod grants;
+mod inbox;
 mod migrate;
 mod run;
 
@@ -44,6 +45,8 @@ enum Command {
     Run(run::RunArgs),
     /// Print least-privilege GRANT statements for the relay, a writer or a consumer role.
     Grants(grants::GrantsArgs),
+    /// Inbox maintenance (purge).
+    Inbox(inbox::InboxArgs),
 }
 
 /// An error for the operator: what failed and what to do, already in the message.
@@ -85,5 +88,6 @@ pub(crate) async fn dispatch(cli: Cli) -> Result<(), CliError> {
         Command::Migrate(args) => migrate::run(&cli.global, args).await,
         Command::Run(args) => run::run(&cli.global, args).await,
         Command::Grants(args) => grants::run(&cli.global, args),
+        Command::Inbox(args) => inbox::run(&cli.global, args).await,
     }
 }

@@ -446,3 +446,47 @@ async fn inbox_reports_processed_duplicate_and_conflict_in_the_callers_transacti
     assert_eq!(purged, 1);
     assert_eq!(count(&c, &s.q("SELECT count(*) FROM __SCHEMA__.inbox")).await, 1);
 }
+
+#[tokio::test]
+async fn inbox_purge_command_deletes_only_rows_past_the_retention() {
+    let s = TestSchema::new(2).await;
+    let c = connect().await;
+    c.batch_execute(&s.q("INSERT INTO __SCHEMA__.inbox (consumer, message_id, processed_at)
+         SELECT 'svc', gen_random_uuid(), now() - interval '10 days' FROM generate_series(1, 2500);
+         INSERT INTO __SCHEMA__.inbox (consumer, message_id)
+         SELECT 'svc', gen_random_uuid() FROM generate_series(1, 100);
+         INSERT INTO __SCHEMA__.inbox (consumer, message_id, processed_at)
+         SELECT 'other', gen_random_uuid(), now() - interval '10 days' FROM generate_series(1, 50);"))
+        .await
+        .unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_outbox-relay"))
+        .args([
+            "inbox",
+            "purge",
+            "--schema",
+            s.name.as_str(),
+            "--consumer",
+            "svc",
+            "--older-than",
+            "7days",
+            "--chunk",
+            "1000",
+        ])
+        .env("DATABASE_URL", database_url())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stdout.contains("purged 2500"), "{stdout}");
+    assert!(stderr.contains("purged 1000 rows so far"), "progress is shown: {stderr}");
+    assert_eq!(count(&c, &s.q("SELECT count(*) FROM __SCHEMA__.inbox WHERE consumer = 'svc'")).await, 100);
+    assert_eq!(count(&c, &s.q("SELECT count(*) FROM __SCHEMA__.inbox WHERE consumer = 'other'")).await, 50);
+    let bad = std::process::Command::new(env!("CARGO_BIN_EXE_outbox-relay"))
+        .args(["inbox", "purge", "--schema", s.name.as_str(), "--consumer", "svc", "--older-than", "seven days"])
+        .env("DATABASE_URL", database_url())
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("--older-than"));
+}

@@ -1,0 +1,80 @@
+//! Demo consumer: keeps per-customer order totals, applying each `orders.created` message exactly
+//! once with the inbox and the consumer runner. Stop it with SIGTERM/SIGINT; it then prints its
+//! counters as one line: `consumer: processed N duplicates N conflicts N dead_lettered N`.
+//!
+//! ```sh
+//! DATABASE_URL=... KAFKA_BROKERS=... cargo run --example demo_consumer
+//! ```
+//! Environment: `DATABASE_URL`, `KAFKA_BROKERS`, `OUTBOX_SCHEMA` (default `outbox`, where the
+//! inbox lives), `DEMO_TOPIC` (default `demo.orders`), `DEMO_GROUP` (default `demo-totals`),
+//! `DEMO_BATCH` (messages per transaction, default 100).
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use outbox_relay::consumer::{self, ConsumedMessage, ConsumerConfig, ConsumerStats, Handler, HandlerFuture};
+use outbox_relay::db::DbConfig;
+use outbox_relay::schema::SchemaName;
+use tokio_postgres::Transaction;
+use tokio_util::sync::CancellationToken;
+
+/// The effect: add the order to its customer's totals.
+struct CustomerTotals;
+
+impl Handler for CustomerTotals {
+    fn handle<'a>(&'a self, tx: &'a Transaction<'a>, message: &'a ConsumedMessage) -> HandlerFuture<'a> {
+        Box::pin(async move {
+            let order: serde_json::Value = serde_json::from_slice(message.payload.as_deref().unwrap_or_default())?;
+            let customer = order["customer"].as_str().ok_or("order without a customer")?;
+            let amount = order["amount_cents"].as_i64().ok_or("order without an amount")?;
+            tx.execute(
+                "INSERT INTO demo.customer_totals (customer, orders, amount_cents) VALUES ($1, 1, $2)
+                 ON CONFLICT (customer) DO UPDATE
+                 SET orders = demo.customer_totals.orders + 1, amount_cents = demo.customer_totals.amount_cents + $2",
+                &[&customer, &amount],
+            )
+            .await?;
+            Ok(())
+        })
+    }
+}
+
+#[tokio::main]
+async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let url = std::env::var("DATABASE_URL").map_err(|_| "set DATABASE_URL")?;
+    let brokers = std::env::var("KAFKA_BROKERS").map_err(|_| "set KAFKA_BROKERS")?;
+    let schema: SchemaName = std::env::var("OUTBOX_SCHEMA").unwrap_or_else(|_| "outbox".into()).parse()?;
+    let topic = std::env::var("DEMO_TOPIC").unwrap_or_else(|_| "demo.orders".into());
+    let group = std::env::var("DEMO_GROUP").unwrap_or_else(|_| "demo-totals".into());
+    let batch: usize = std::env::var("DEMO_BATCH").ok().and_then(|v| v.parse().ok()).unwrap_or(100);
+    let db = DbConfig::parse(&url)?;
+    db.connect()
+        .await?
+        .batch_execute(
+            "CREATE SCHEMA IF NOT EXISTS demo;
+             CREATE TABLE IF NOT EXISTS demo.customer_totals (
+                 customer text PRIMARY KEY, orders bigint NOT NULL, amount_cents bigint NOT NULL)",
+        )
+        .await?;
+    let mut config = ConsumerConfig::new(brokers, group, vec![topic], "demo-totals", schema, db);
+    config.batch_size = batch;
+    let stop = CancellationToken::new();
+    let signal_stop = stop.clone();
+    tokio::spawn(async move {
+        use tokio::signal::unix::{signal, SignalKind};
+        let (mut term, mut int) = (signal(SignalKind::terminate()).unwrap(), signal(SignalKind::interrupt()).unwrap());
+        tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
+        signal_stop.cancel();
+    });
+    let stats = Arc::new(ConsumerStats::default());
+    let result = consumer::run(config, Arc::new(CustomerTotals), stop, stats.clone()).await;
+    println!(
+        "consumer: processed {} duplicates {} conflicts {} dead_lettered {}",
+        stats.processed.load(Ordering::Relaxed),
+        stats.duplicates.load(Ordering::Relaxed),
+        stats.conflicts.load(Ordering::Relaxed),
+        stats.dead_lettered.load(Ordering::Relaxed)
+    );
+    result?;
+    Ok(())
+}
