@@ -52,7 +52,8 @@ group="demo-totals-$(date +%s)"
 export OUTBOX_SCHEMA=$schema DEMO_TOPIC=$topic DEMO_GROUP=$group OUTBOX_LOG=${OUTBOX_LOG:-warn}
 
 start_relay() {
-  "$bin" run --schema "$schema" --archive --heartbeat-interval 500ms --instance-timeout 3s >>"$out/relay.log" 2>&1 &
+  "$bin" run --schema "$schema" --archive --heartbeat-interval 500ms --instance-timeout 3s \
+    --metrics-addr "${DEMO_METRICS_ADDR:-127.0.0.1:0}" >>"$out/relay.log" 2>&1 &
   relay_pid=$!
   pids+=("$relay_pid")
 }

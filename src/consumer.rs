@@ -542,7 +542,9 @@ async fn apply_batch<H: Handler>(
     let (mut processed, mut duplicates) = (0, 0);
     for (m, o) in msgs.iter().zip(&outcomes) {
         if *o == InboxOutcome::Processed {
+            let began = std::time::Instant::now();
             shared.handler.handle(&tx, m).await.map_err(|e| e.to_string())?;
+            crate::telemetry::handler_time(shared.inbox.consumer(), began.elapsed());
             processed += 1;
         } else {
             duplicates += 1;
@@ -551,6 +553,7 @@ async fn apply_batch<H: Handler>(
     tx.commit().await.map_err(|e| e.to_string())?;
     shared.stats.processed.fetch_add(processed, Ordering::Relaxed);
     shared.stats.duplicates.fetch_add(duplicates, Ordering::Relaxed);
+    crate::telemetry::inbox(shared.inbox.consumer(), processed, duplicates, 0);
     Ok(())
 }
 
@@ -568,7 +571,10 @@ async fn apply_one<H: Handler>(shared: &Shared<H>, db: &mut Option<Client>, m: &
             let outcome = shared.inbox.record(&tx, &inbox_message(m)).await.map_err(|e| Step::Db(e.to_string()))?;
             match outcome {
                 InboxOutcome::Processed => {
-                    shared.handler.handle(&tx, m).await.map_err(|e| Step::Handler(e.to_string()))?;
+                    let began = std::time::Instant::now();
+                    let handled = shared.handler.handle(&tx, m).await;
+                    crate::telemetry::handler_time(shared.inbox.consumer(), began.elapsed());
+                    handled.map_err(|e| Step::Handler(e.to_string()))?;
                     tx.commit().await.map_err(|e| Step::Db(e.to_string()))?;
                     Ok(InboxOutcome::Processed)
                 }
@@ -583,15 +589,18 @@ async fn apply_one<H: Handler>(shared: &Shared<H>, db: &mut Option<Client>, m: &
         match result {
             Ok(InboxOutcome::Processed) => {
                 shared.stats.processed.fetch_add(1, Ordering::Relaxed);
+                crate::telemetry::inbox(shared.inbox.consumer(), 1, 0, 0);
                 return true;
             }
             Ok(InboxOutcome::Duplicate) => {
                 shared.stats.duplicates.fetch_add(1, Ordering::Relaxed);
+                crate::telemetry::inbox(shared.inbox.consumer(), 0, 1, 0);
                 tracing::debug!(message_id = %m.id, topic = %m.topic, partition = m.partition, offset = m.offset, "duplicate skipped");
                 return true;
             }
             Ok(InboxOutcome::Conflict { .. }) => {
                 shared.stats.conflicts.fetch_add(1, Ordering::Relaxed);
+                crate::telemetry::inbox(shared.inbox.consumer(), 0, 0, 1);
                 tracing::error!(message_id = %m.id, topic = %m.topic, partition = m.partition, offset = m.offset,
                     "CONFLICT: this id was processed before with a different payload; not applied, dead-lettered for an operator");
                 dead_letter(
@@ -708,6 +717,7 @@ async fn dead_letter<H: Handler>(
         match written {
             Ok(_) => {
                 shared.stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
+                crate::telemetry::inbox_dead_lettered(shared.inbox.consumer(), reason);
                 return;
             }
             Err(e) => {

@@ -8,6 +8,11 @@
 //! - [`db`]: PostgreSQL connections with timeouts and server-verifying TLS.
 //! - [`classify`]: every error, classified once where it enters: retry or not.
 //! - [`retry`]: capped exponential backoff with full jitter.
+//! - [`telemetry`]: every metric, defined once (name, unit, help, labels).
+//! - [`health`] (feature `relay`): `/metrics`, `/healthz`, `/readyz`.
+//! - [`ops`] (feature `relay`): what the operator commands read and change: dead letters,
+//!   status, trace; every change with an audit row.
+
 //! - [`inbox`] (feature `inbox`): exactly-once effects; record a message id with the effect.
 //! - [`consumer`] (feature `consumer`): a consumer runner around rdkafka using the inbox.
 //! - [`relay`] (feature `relay`): the daemon; lanes, the delivery loop, the Kafka envelope.
@@ -30,10 +35,15 @@ pub mod classify;
 #[cfg(feature = "consumer")]
 pub mod consumer;
 pub mod db;
+#[cfg(feature = "relay")]
+pub mod health;
 #[cfg(feature = "inbox")]
 pub mod inbox;
+#[cfg(feature = "relay")]
+pub mod ops;
 pub mod outbox;
 #[cfg(feature = "relay")]
 pub mod relay;
 pub mod retry;
 pub mod schema;
+pub mod telemetry;

@@ -111,6 +111,7 @@ pub const MIGRATIONS: &[Migration] = &[
         sql: include_str!("../schema/0003_delivery_archive.sql"),
     },
     Migration { version: 4, name: "0004_failures.sql", sql: include_str!("../schema/0004_failures.sql") },
+    Migration { version: 5, name: "0005_operations.sql", sql: include_str!("../schema/0005_operations.sql") },
 ];
 
 impl Migration {

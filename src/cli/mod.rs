@@ -4,10 +4,13 @@ use clap::{Args, Parser, Subcommand};
 use outbox_relay::db::DbConfig;
 use outbox_relay::schema::SchemaName;
 
+mod dlq;
 mod grants;
 mod inbox;
 mod migrate;
 mod run;
+mod status;
+mod trace;
 
 /// Transactional outbox relay from PostgreSQL to Kafka.
 #[derive(Debug, Parser)]
@@ -47,6 +50,12 @@ enum Command {
     Grants(grants::GrantsArgs),
     /// Inbox maintenance (purge).
     Inbox(inbox::InboxArgs),
+    /// Dead letters: list, show, replay, discard, export (--inbox for the consumers').
+    Dlq(dlq::DlqArgs),
+    /// Backlog, retries, dead letters, instances and lanes, parked keys.
+    Status(status::StatusArgs),
+    /// Where one message is: pending, delivered, dead-lettered, processed by which consumers.
+    Trace(trace::TraceArgs),
 }
 
 /// An error for the operator: what failed and what to do, already in the message.
@@ -73,8 +82,16 @@ impl Global {
 }
 
 pub(crate) fn init_logging(global: &Global) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("OUTBOX_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // The PostgreSQL driver logs statement parameters at debug level: keep it at info unless the
+    // operator names it explicitly, so `OUTBOX_LOG=debug` cannot put data in the logs.
+    let mut directives = std::env::var("OUTBOX_LOG").unwrap_or_else(|_| "info".to_owned());
+    if !directives.contains("tokio_postgres") {
+        directives.push_str(",tokio_postgres=info");
+    }
+    let filter = tracing_subscriber::EnvFilter::try_new(&directives).unwrap_or_else(|e| {
+        eprintln!("warning: OUTBOX_LOG={directives:?} is not a valid filter ({e}); logging at info");
+        tracing_subscriber::EnvFilter::new("info")
+    });
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     if global.log_json {
         builder.json().flatten_event(true).init();
@@ -89,5 +106,8 @@ pub(crate) async fn dispatch(cli: Cli) -> Result<(), CliError> {
         Command::Run(args) => run::run(&cli.global, args).await,
         Command::Grants(args) => grants::run(&cli.global, args),
         Command::Inbox(args) => inbox::run(&cli.global, args).await,
+        Command::Dlq(args) => dlq::run(&cli.global, args).await,
+        Command::Status(args) => status::run(&cli.global, args).await,
+        Command::Trace(args) => trace::run(&cli.global, args).await,
     }
 }

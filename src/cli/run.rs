@@ -69,6 +69,12 @@ pub(crate) struct RunArgs {
     /// How long one database statement may take before the lane drops its session and starts over.
     #[arg(long, env = "OUTBOX_DB_CALL_TIMEOUT", default_value = "35s", value_parser = humantime::parse_duration)]
     db_call_timeout: Duration,
+    /// Serve /metrics, /healthz and /readyz on this address ("off" to disable).
+    #[arg(long, env = "OUTBOX_METRICS_ADDR", default_value = "127.0.0.1:9465")]
+    metrics_addr: String,
+    /// /readyz reports unready when the head of an owned lane is older than this.
+    #[arg(long, env = "OUTBOX_STUCK_THRESHOLD", default_value = "5m", value_parser = humantime::parse_duration)]
+    stuck_threshold: Duration,
     /// How long a graceful shutdown (SIGTERM/SIGINT) may take.
     #[arg(long, env = "OUTBOX_SHUTDOWN_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
     shutdown_timeout: Duration,
@@ -126,6 +132,14 @@ pub(crate) async fn run(global: &Global, args: RunArgs) -> Result<(), CliError> 
     config.breaker.cooldown = args.breaker_cooldown;
     config.breaker.max_cooldown = args.breaker_cooldown * 12;
     config.db_call_timeout = args.db_call_timeout;
+    config.metrics_addr = match args.metrics_addr.as_str() {
+        "off" | "" => None,
+        a => Some(
+            a.parse()
+                .map_err(|e| format!("--metrics-addr {a:?}: {e} (expected host:port, e.g. 127.0.0.1:9465, or off)"))?,
+        ),
+    };
+    config.stuck_threshold = args.stuck_threshold;
 
     let shutdown = CancellationToken::new();
     tokio::spawn(stop_on_signal(shutdown.clone()));

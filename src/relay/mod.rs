@@ -81,6 +81,10 @@ pub struct RelayConfig {
     pub db_call_timeout: Duration,
     /// How often archived rows and expired idempotency keys are pruned.
     pub maintenance_interval: Duration,
+    /// Serve `/metrics`, `/healthz` and `/readyz` here.
+    pub metrics_addr: Option<std::net::SocketAddr>,
+    /// `/readyz` fails when the head of an owned lane is older than this.
+    pub stuck_threshold: Duration,
     /// This instance's id.
     pub instance_id: Uuid,
 }
@@ -115,6 +119,8 @@ impl RelayConfig {
             breaker: breaker::BreakerSettings::default(),
             db_call_timeout: Duration::from_secs(35),
             maintenance_interval: Duration::from_secs(60),
+            metrics_addr: None,
+            stuck_threshold: Duration::from_secs(300),
             instance_id: Uuid::now_v7(),
         }
     }
@@ -161,6 +167,9 @@ pub enum RelayError {
     /// A statement at start failed.
     #[error("relay start-up failed: {0}")]
     Startup(#[source] tokio_postgres::Error),
+    /// The metrics endpoint could not be served.
+    #[error("{0}")]
+    Metrics(String),
 }
 
 /// Counters of one run, for callers that embed the relay.
@@ -204,6 +213,7 @@ impl RelayStats {
 
 /// What a lane loop shares with the others.
 pub(crate) struct Shared {
+    pub(crate) health: Arc<crate::health::Health>,
     pub(crate) config: RelayConfig,
     pub(crate) breaker: breaker::Breaker,
     pub(crate) producer: FutureProducer,
@@ -243,7 +253,18 @@ pub async fn run_with_stats(
     let listener =
         tokio::spawn(listen(config.db.clone(), config.schema.notify_channel(), wake_tx, listener_stop.clone()));
     let source = config.source.clone().unwrap_or_else(|| format!("/outbox-relay/{}", config.schema));
+    let health = Arc::new(crate::health::Health::new(config.stuck_threshold));
+    let server_stop = CancellationToken::new();
+    if let Some(addr) = config.metrics_addr {
+        let handle = crate::health::install_recorder();
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|e| RelayError::Metrics(format!("cannot listen on --metrics-addr {addr}: {e}")))?;
+        tracing::info!(%addr, "serving /metrics, /healthz and /readyz");
+        tokio::spawn(crate::health::serve(listener, Some(handle), health.clone(), server_stop.clone()));
+    }
     let shared = Arc::new(Shared {
+        health: health.clone(),
         config: config.clone(),
         breaker: breaker::Breaker::new(config.breaker, stats.clone()),
         producer,
@@ -263,6 +284,7 @@ pub async fn run_with_stats(
         registered: false,
         next_maintenance: tokio::time::Instant::now() + config.maintenance_interval,
     };
+    let probe = tokio::spawn(probe_broker(shared.clone(), server_stop.clone()));
     let mut tick = tokio::time::interval(config.heartbeat_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -292,6 +314,8 @@ pub async fn run_with_stats(
     }
     listener_stop.cancel();
     let _ = listener.await;
+    server_stop.cancel();
+    let _ = probe.await;
     let in_flight = shared.producer.in_flight_count();
     if in_flight > 0 {
         let _ = shared.producer.flush(Duration::from_secs(5));
@@ -341,14 +365,23 @@ impl Coordinator {
 
     async fn tick(&mut self) {
         self.reap().await;
+        crate::telemetry::lanes_owned(self.owned.len());
+        crate::telemetry::breaker_state(self.shared.breaker.state().as_gauge());
+        self.shared.health.set_lanes(self.owned.len());
+        self.shared.health.set_breaker_open(self.shared.breaker.state() == breaker::BreakerState::Open);
         let live = match self.heartbeat().await {
             Ok(n) => n,
             Err(e) => {
                 tracing::warn!(error = %e, "heartbeat failed; will retry");
+                self.shared.health.set_db_ok(false);
                 self.control = None;
                 return;
             }
         };
+        self.shared.health.set_db_ok(true);
+        if let Err(e) = self.observe_backlog().await {
+            tracing::debug!(error = %e, "backlog query failed");
+        }
         // The first heartbeat only registers, so instances starting together see each other
         // before taking lanes.
         if !self.registered {
@@ -474,6 +507,30 @@ impl Coordinator {
         Ok(())
     }
 
+    /// Backlog gauges, and the age of the oldest head among this instance's lanes (for /readyz).
+    async fn observe_backlog(&mut self) -> Result<(), tokio_postgres::Error> {
+        let lanes: Vec<i16> = self.owned.keys().copied().collect();
+        let schema = self.config().schema.clone();
+        let Some(control) = self.control().await else { return Ok(()) };
+        let row = control
+            .query_one(
+                &schema.qualify(
+                    "SELECT (SELECT count(*) FROM __SCHEMA__.messages),
+                            coalesce(extract(epoch FROM now() - (SELECT min(created_at) FROM __SCHEMA__.messages)), 0)::float8,
+                            coalesce(extract(epoch FROM now() - (
+                                SELECT min(h.created_at) FROM unnest($1::smallint[]) AS l(lane)
+                                CROSS JOIN LATERAL (SELECT created_at FROM __SCHEMA__.messages m
+                                                    WHERE m.lane = l.lane ORDER BY seq LIMIT 1) h)), 0)::float8",
+                ),
+                &[&lanes],
+            )
+            .await?;
+        let (rows, oldest, head): (i64, f64, f64) = (row.get(0), row.get(1), row.get(2));
+        crate::telemetry::backlog(rows, Duration::from_secs_f64(oldest.max(0.0)));
+        self.shared.health.set_oldest_head(Duration::from_secs_f64(head.max(0.0)));
+        Ok(())
+    }
+
     /// Deletes archived rows past retention and idempotency keys past their window, in chunks so
     /// that no statement holds locks for long. Any instance may do it; doing it twice is harmless.
     async fn prune(&mut self) -> Result<(), tokio_postgres::Error> {
@@ -535,6 +592,23 @@ impl Coordinator {
             if let Err(e) = control.execute(&sql, &[&id]).await {
                 tracing::warn!(error = %e, "could not deregister; the row expires by itself");
             }
+        }
+    }
+}
+
+/// Checks every few seconds that the broker answers a metadata request (for /readyz).
+async fn probe_broker(shared: Arc<Shared>, stop: CancellationToken) {
+    loop {
+        let s = shared.clone();
+        let ok = tokio::task::spawn_blocking(move || {
+            s.producer.client().fetch_metadata(None, Duration::from_secs(3)).is_ok()
+        })
+        .await
+        .unwrap_or(false);
+        shared.health.set_broker_ok(ok);
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_secs(2)) => {}
         }
     }
 }

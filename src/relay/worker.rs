@@ -118,6 +118,7 @@ pub(crate) async fn run_lane(
                     broker_failure |= classified.broker_health;
                     match decide(&shared, row, &classified, breaker_was_closed) {
                         Decision::DeadLetter(why) => {
+                            crate::telemetry::dead_lettered(&row.topic, why);
                             tracing::warn!(lane, message_id = %row.id, topic = %row.topic, attempts = row.attempts + 1,
                                 reason = why, error_class = classified.class, error = %error, "message dead-lettered");
                             dead.push(DeadLetter {
@@ -132,6 +133,7 @@ pub(crate) async fn run_lane(
                                 retry_in_ms = delay.as_millis() as u64, error_class = classified.class, error = %error,
                                 "delivery failed; will retry");
                             shared.stats.note_retry(row.attempts.max(0) as u32, delay);
+                            crate::telemetry::retried(&row.topic, classified.class);
                             failed.push(FailedAttempt { seq: row.seq, error, delay_ms: delay.as_millis() as i64 });
                         }
                         Decision::Untouched => {}
@@ -154,6 +156,7 @@ pub(crate) async fn run_lane(
             return LaneExit::SessionLost(format!("deleting {} acknowledged rows failed: {e}", acked.len()));
         }
         shared.stats.delivered.fetch_add(acked.len() as u64, Ordering::Relaxed);
+        record_delivery(rows, &acked);
         if let Err(e) = session.record_failures(&failed).await {
             return LaneExit::SessionLost(format!("recording {} failed attempts failed: {e}", failed.len()));
         }
@@ -168,6 +171,32 @@ pub(crate) async fn run_lane(
                 mirror_to_dlq(&shared, dlq, rows, &dead);
             }
         }
+    }
+}
+
+/// Delivery metrics for a completed batch: per topic counts and write-to-ack latencies.
+fn record_delivery(rows: &[ClaimedRow], acked: &[Acked]) {
+    if acked.is_empty() {
+        return;
+    }
+    crate::telemetry::batch_size(rows.len());
+    let now = chrono::Utc::now();
+    let mut per_topic: std::collections::HashMap<&str, u64> = std::collections::HashMap::new();
+    let mut rows_by_seq = rows.iter().peekable();
+    for a in acked {
+        *per_topic.entry(a.kafka_topic.as_str()).or_default() += 1;
+        // Both lists are in sequence order.
+        while let Some(r) = rows_by_seq.next_if(|r| r.seq < a.seq) {
+            let _ = r;
+        }
+        if let Some(r) = rows_by_seq.peek() {
+            if r.seq == a.seq {
+                crate::telemetry::commit_to_ack((now - r.created_at).to_std().unwrap_or_default());
+            }
+        }
+    }
+    for (topic, n) in per_topic {
+        crate::telemetry::delivered(topic, n);
     }
 }
 

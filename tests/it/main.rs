@@ -10,6 +10,7 @@ mod support;
 mod failures;
 mod inbox;
 mod migrate;
+mod operators;
 mod relay;
 mod tls;
 mod writer;

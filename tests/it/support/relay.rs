@@ -54,6 +54,7 @@ impl RelayProcess {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_outbox-relay"));
         cmd.args(["run", "--schema", schema.as_str()])
             .args(["--heartbeat-interval", "300ms", "--instance-timeout", "3s", "--poll-interval", "500ms"])
+            .args(["--metrics-addr", "off"])
             .args(extra)
             .env("DATABASE_URL", database_url())
             .env("KAFKA_BROKERS", kafka_brokers())

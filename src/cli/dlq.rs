@@ -1,0 +1,416 @@
+//! `outbox-relay dlq list | show | replay | discard | export`, for the relay's dead letters and,
+//! with `--inbox`, the consumers'.
+
+use std::io::{IsTerminal, Write};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use clap::{Args, Subcommand};
+use outbox_relay::ops::{self, Audit, DeadLetterView, Filter, OpsError, Source};
+use uuid::Uuid;
+
+use super::{CliError, Global};
+
+#[derive(Debug, Args)]
+pub(crate) struct DlqArgs {
+    #[command(subcommand)]
+    command: DlqCommand,
+}
+
+#[derive(Debug, Args, Clone)]
+struct Filters {
+    /// The consumers' dead letters (inbox_dead_letters) instead of the relay's.
+    #[arg(long)]
+    inbox: bool,
+    /// Only this topic.
+    #[arg(long)]
+    topic: Option<String>,
+    /// Only this key.
+    #[arg(long)]
+    key: Option<String>,
+    /// Only this reason (message_too_large, retries_exhausted, handler_failed, ...).
+    #[arg(long)]
+    reason: Option<String>,
+    /// Dead-lettered at or after: an RFC 3339 time, or a duration ago (2h, 3days).
+    #[arg(long, value_parser = parse_time)]
+    since: Option<DateTime<Utc>>,
+    /// Dead-lettered before: an RFC 3339 time, or a duration ago.
+    #[arg(long, value_parser = parse_time)]
+    until: Option<DateTime<Utc>>,
+    /// Only this id (repeatable): a message id, or with --inbox a dead-letter number.
+    #[arg(long = "id")]
+    ids: Vec<String>,
+    /// Only this consumer (with --inbox).
+    #[arg(long)]
+    consumer: Option<String>,
+    /// At most this many.
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(i64).range(1..=10_000_000))]
+    limit: i64,
+}
+
+impl Filters {
+    fn source(&self) -> Source {
+        if self.inbox {
+            Source::Inbox
+        } else {
+            Source::Relay
+        }
+    }
+
+    fn filter(&self) -> Filter {
+        Filter {
+            topic: self.topic.clone(),
+            key: self.key.clone(),
+            reason: self.reason.clone(),
+            since: self.since,
+            until: self.until,
+            ids: self.ids.clone(),
+            consumer: self.consumer.clone(),
+        }
+    }
+
+    fn narrows(&self) -> bool {
+        self.topic.is_some()
+            || self.key.is_some()
+            || self.reason.is_some()
+            || self.since.is_some()
+            || self.until.is_some()
+            || !self.ids.is_empty()
+            || self.consumer.is_some()
+    }
+}
+
+#[derive(Debug, Args, Clone)]
+struct Change {
+    /// Show what would change, change nothing.
+    #[arg(long)]
+    dry_run: bool,
+    /// Do not ask for confirmation (needed without a terminal when more than one matches).
+    #[arg(long)]
+    yes: bool,
+    /// Act on every dead letter (up to --limit) when no filter is given.
+    #[arg(long)]
+    all: bool,
+    /// Who is acting, for the audit log (default: the OS user).
+    #[arg(long)]
+    actor: Option<String>,
+    /// Why, for the audit log.
+    #[arg(long)]
+    why: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+enum DlqCommand {
+    /// List dead letters, newest first.
+    List {
+        #[command(flatten)]
+        filters: Filters,
+        /// One JSON object per line.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one dead letter in full, payload included.
+    Show {
+        /// The id (a message id, or with --inbox a dead-letter number).
+        id: String,
+        /// An inbox dead letter.
+        #[arg(long)]
+        inbox: bool,
+        /// As JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Put dead letters back: relay ones into the outbox (same id, attempts reset), inbox ones
+    /// re-published to their topic (or --retry-topic).
+    Replay {
+        #[command(flatten)]
+        filters: Filters,
+        #[command(flatten)]
+        change: Change,
+        /// At most this many per second (bulk replays).
+        #[arg(long)]
+        rate: Option<u32>,
+        /// With --inbox: publish to this topic instead of the original one.
+        #[arg(long)]
+        retry_topic: Option<String>,
+        /// With --inbox: where to publish.
+        #[arg(long, env = "KAFKA_BROKERS")]
+        kafka_brokers: Option<String>,
+        /// With --inbox: a librdkafka properties file (TLS, SASL).
+        #[arg(long, env = "KAFKA_CONFIG_FILE")]
+        kafka_config_file: Option<PathBuf>,
+    },
+    /// Delete dead letters, keeping an audit record of each.
+    Discard {
+        #[command(flatten)]
+        filters: Filters,
+        #[command(flatten)]
+        change: Change,
+    },
+    /// Write dead letters as JSON lines (payload included) to a file or standard output.
+    Export {
+        #[command(flatten)]
+        filters: Filters,
+        /// The file (default: standard output).
+        #[arg(long, short)]
+        output: Option<PathBuf>,
+    },
+}
+
+fn parse_time(s: &str) -> Result<DateTime<Utc>, String> {
+    if let Ok(t) = DateTime::parse_from_rfc3339(s) {
+        return Ok(t.with_timezone(&Utc));
+    }
+    match humantime::parse_duration(s) {
+        Ok(d) => Ok(Utc::now() - chrono::Duration::from_std(d).map_err(|e| e.to_string())?),
+        Err(_) => {
+            Err(format!("{s:?} is neither an RFC 3339 time (2026-11-23T06:00:00Z) nor a duration ago (2h, 3days)"))
+        }
+    }
+}
+
+fn actor(change: &Change) -> Audit {
+    let actor = change
+        .actor
+        .clone()
+        .or_else(|| std::env::var("USER").ok())
+        .or_else(|| std::env::var("LOGNAME").ok())
+        .unwrap_or_else(|| "unknown".to_owned());
+    Audit { actor, why: change.why.clone() }
+}
+
+fn print_list(items: &[DeadLetterView], json: bool) -> Result<(), CliError> {
+    let mut out = std::io::stdout().lock();
+    if json {
+        for i in items {
+            writeln!(out, "{}", serde_json::to_string(i)?)?;
+        }
+        return Ok(());
+    }
+    if items.is_empty() {
+        writeln!(out, "no dead letters match")?;
+        return Ok(());
+    }
+    writeln!(
+        out,
+        "{:<38} {:<24} {:<20} {:<22} {:>8}  {:<20}  error",
+        "id", "topic", "key", "reason", "attempts", "dead-lettered"
+    )?;
+    for i in items {
+        let err: String = i.error.as_deref().unwrap_or("").chars().take(60).collect();
+        writeln!(
+            out,
+            "{:<38} {:<24} {:<20} {:<22} {:>8}  {:<20}  {}",
+            i.id,
+            i.topic,
+            i.key.as_deref().unwrap_or("-"),
+            i.reason,
+            i.attempts,
+            i.dead_lettered_at.format("%Y-%m-%d %H:%M:%S"),
+            err
+        )?;
+    }
+    Ok(())
+}
+
+/// Asks before a bulk change; without a terminal, --yes is required.
+fn confirm(verb: &str, n: usize, change: &Change) -> Result<(), CliError> {
+    if change.yes || n <= 1 {
+        return Ok(());
+    }
+    if !std::io::stdin().is_terminal() {
+        return Err(format!(
+            "refusing to {verb} {n} dead letters without confirmation: add --yes (or --dry-run to list them first)"
+        )
+        .into());
+    }
+    eprint!("{verb} {n} dead letters? [y/N] ");
+    let mut answer = String::new();
+    std::io::stdin().read_line(&mut answer)?;
+    if matches!(answer.trim(), "y" | "Y" | "yes") {
+        Ok(())
+    } else {
+        Err("nothing changed".into())
+    }
+}
+
+async fn matched(
+    client: &tokio_postgres::Client,
+    global: &Global,
+    filters: &Filters,
+    change: &Change,
+) -> Result<Vec<DeadLetterView>, CliError> {
+    if !filters.narrows() && !change.all {
+        return Err("give a filter (--id, --topic, --key, --reason, --since, --until, --consumer) or --all".into());
+    }
+    let items = ops::list(client, global.schema(), filters.source(), &filters.filter(), filters.limit, false).await?;
+    for id in &filters.ids {
+        if !items.iter().any(|i| &i.id == id) {
+            return Err(OpsError::UnknownId { kind: filters.source(), id: id.clone() }.into());
+        }
+    }
+    Ok(items)
+}
+
+pub(crate) async fn run(global: &Global, args: DlqArgs) -> Result<(), CliError> {
+    let mut client = global.db_config()?.connect().await?;
+    outbox_relay::schema::check_installed(&client, global.schema()).await?;
+    match args.command {
+        DlqCommand::List { filters, json } => {
+            let items =
+                ops::list(&client, global.schema(), filters.source(), &filters.filter(), filters.limit, false).await?;
+            print_list(&items, json)
+        }
+        DlqCommand::Show { id, inbox, json } => {
+            let source = if inbox { Source::Inbox } else { Source::Relay };
+            let filter = Filter { ids: vec![id.clone()], ..Default::default() };
+            let items = ops::list(&client, global.schema(), source, &filter, 1, true).await?;
+            let Some(item) = items.first() else {
+                return Err(OpsError::UnknownId { kind: source, id }.into());
+            };
+            if json {
+                println!("{}", serde_json::to_string_pretty(item)?);
+            } else {
+                let v = serde_json::to_value(item)?;
+                for (k, val) in v.as_object().expect("an object") {
+                    println!(
+                        "{k:>18}: {}",
+                        match val {
+                            serde_json::Value::String(s) => s.clone(),
+                            other => other.to_string(),
+                        }
+                    );
+                }
+            }
+            Ok(())
+        }
+        DlqCommand::Discard { filters, change } => {
+            let items = matched(&client, global, &filters, &change).await?;
+            if change.dry_run {
+                print_list(&items, false)?;
+                println!("dry run: would discard {} dead letters; nothing changed", items.len());
+                return Ok(());
+            }
+            confirm("discard", items.len(), &change)?;
+            let audit = actor(&change);
+            let mut done = 0u64;
+            let started = Instant::now();
+            for chunk in items.chunks(500) {
+                let ids: Vec<String> = chunk.iter().map(|i| i.id.clone()).collect();
+                done += ops::discard(&mut client, global.schema(), filters.source(), &ids, &audit).await?;
+                if items.len() > 500 {
+                    eprintln!("discarded {done}/{} ({:.1}s)", items.len(), started.elapsed().as_secs_f64());
+                }
+            }
+            println!("discarded {done} dead letters (audit rows written, actor {})", audit.actor);
+            Ok(())
+        }
+        DlqCommand::Replay { filters, change, rate, retry_topic, kafka_brokers, kafka_config_file } => {
+            let items = matched(&client, global, &filters, &change).await?;
+            if change.dry_run {
+                print_list(&items, false)?;
+                println!("dry run: would replay {} dead letters; nothing changed", items.len());
+                return Ok(());
+            }
+            confirm("replay", items.len(), &change)?;
+            let audit = actor(&change);
+            let per_chunk = rate.map_or(200, |r| r.clamp(1, 200) as usize);
+            let started = Instant::now();
+            let mut done = 0usize;
+            let producer = if filters.inbox {
+                let brokers = kafka_brokers
+                    .ok_or("replaying inbox dead letters publishes them: set KAFKA_BROKERS or --kafka-brokers")?;
+                let mut settings = outbox_relay::relay::kafka::ProducerSettings {
+                    brokers,
+                    message_timeout: Duration::from_secs(30),
+                    properties: Vec::new(),
+                };
+                if let Some(path) = &kafka_config_file {
+                    settings.properties = outbox_relay::relay::kafka::read_properties_file(path)?;
+                }
+                Some(settings.create()?)
+            } else {
+                None
+            };
+            for chunk in items.chunks(per_chunk) {
+                let chunk_started = Instant::now();
+                match &producer {
+                    None => {
+                        let ids: Vec<Uuid> = chunk.iter().filter_map(|i| Uuid::parse_str(&i.id).ok()).collect();
+                        done += ops::replay_relay(&mut client, global.schema(), &ids, &audit).await?.len();
+                    }
+                    Some(producer) => {
+                        let ids: Vec<i64> = chunk.iter().filter_map(|i| i.id.parse().ok()).collect();
+                        for r in ops::inbox_for_replay(&client, global.schema(), &ids).await? {
+                            let topic = retry_topic.clone().unwrap_or_else(|| r.topic.clone());
+                            republish(producer, &topic, &r).await?;
+                            ops::inbox_replayed(&mut client, global.schema(), r.dead_letter_id, &topic, &audit).await?;
+                            done += 1;
+                        }
+                    }
+                }
+                if items.len() > per_chunk {
+                    eprintln!("replayed {done}/{} ({:.1}s)", items.len(), started.elapsed().as_secs_f64());
+                }
+                if let Some(r) = rate {
+                    let due = Duration::from_secs_f64(chunk.len() as f64 / r.max(1) as f64);
+                    if let Some(wait) = due.checked_sub(chunk_started.elapsed()) {
+                        tokio::time::sleep(wait).await;
+                    }
+                }
+            }
+            let what = if filters.inbox { "re-published to Kafka" } else { "back in the outbox with their ids" };
+            println!("replayed {done} dead letters ({what}; audit rows written, actor {})", audit.actor);
+            Ok(())
+        }
+        DlqCommand::Export { filters, output } => {
+            let items =
+                ops::list(&client, global.schema(), filters.source(), &filters.filter(), filters.limit, true).await?;
+            let mut out: Box<dyn Write> = match &output {
+                Some(path) => Box::new(std::io::BufWriter::new(
+                    std::fs::File::create(path).map_err(|e| format!("cannot write {}: {e}", path.display()))?,
+                )),
+                None => Box::new(std::io::stdout().lock()),
+            };
+            for (n, i) in items.iter().enumerate() {
+                writeln!(out, "{}", serde_json::to_string(i)?)?;
+                if (n + 1) % 1000 == 0 {
+                    eprintln!("exported {}/{}", n + 1, items.len());
+                }
+            }
+            out.flush()?;
+            eprintln!(
+                "exported {} dead letters{}",
+                items.len(),
+                output.map(|p| format!(" to {}", p.display())).unwrap_or_default()
+            );
+            Ok(())
+        }
+    }
+}
+
+async fn republish(
+    producer: &rdkafka::producer::FutureProducer,
+    topic: &str,
+    r: &ops::Republish,
+) -> Result<(), CliError> {
+    use rdkafka::message::{Header, OwnedHeaders};
+    use rdkafka::producer::FutureRecord;
+    let mut headers = OwnedHeaders::new();
+    for (k, v) in &r.headers {
+        headers = headers.insert(Header { key: k.as_str(), value: Some(v.as_str()) });
+    }
+    let mut record = FutureRecord::<[u8], [u8]>::to(topic).headers(headers);
+    if let Some(k) = &r.key {
+        record = record.key(k.as_slice());
+    }
+    if let Some(p) = &r.payload {
+        record = record.payload(p.as_slice());
+    }
+    producer
+        .send(record, Duration::from_secs(30))
+        .await
+        .map_err(|(e, _)| format!("re-publishing inbox dead letter {} to {topic} failed: {e}", r.dead_letter_id))?;
+    Ok(())
+}
