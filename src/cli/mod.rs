@@ -6,6 +6,7 @@ use outbox_relay::schema::SchemaName;
 
 mod dlq;
 mod grants;
+mod health;
 mod inbox;
 mod migrate;
 mod run;
@@ -56,6 +57,8 @@ enum Command {
     Status(status::StatusArgs),
     /// Where one message is: pending, delivered, dead-lettered, processed by which consumers.
     Trace(trace::TraceArgs),
+    /// Ask a running relay's /healthz (or /readyz); exit 0 when healthy (for container health checks).
+    Health(health::HealthArgs),
 }
 
 /// An error for the operator: what failed and what to do, already in the message.
@@ -109,5 +112,6 @@ pub(crate) async fn dispatch(cli: Cli) -> Result<(), CliError> {
         Command::Dlq(args) => dlq::run(&cli.global, args).await,
         Command::Status(args) => status::run(&cli.global, args).await,
         Command::Trace(args) => trace::run(&cli.global, args).await,
+        Command::Health(args) => health::run(args).await,
     }
 }

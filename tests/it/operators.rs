@@ -294,6 +294,17 @@ async fn metrics_move_during_a_run_and_readyz_follows_the_broker() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     assert_eq!(http_get(port, "/healthz").await.map(|r| r.0), Some(200));
+    // The container health check command asks the same endpoints.
+    let probe = |ready: bool| {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_outbox-relay"));
+        c.args(["health", "--addr", &format!("127.0.0.1:{port}")]);
+        if ready {
+            c.arg("--ready");
+        }
+        c.output().unwrap()
+    };
+    assert!(probe(false).status.success());
+    assert!(probe(true).status.success());
     let c = connect().await;
     let writer = {
         let (s_name, topic) = (s.name.clone(), topic.clone());
@@ -345,6 +356,9 @@ async fn metrics_move_during_a_run_and_readyz_follows_the_broker() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
     assert!(unready.contains("broker"), "{unready}");
+    let probe_down = probe(true);
+    assert!(!probe_down.status.success(), "health --ready fails while unready");
+    assert!(String::from_utf8_lossy(&probe_down.stderr).contains("503"));
     mock.broker_up(1).unwrap();
     let up = Instant::now();
     while http_get(port, "/readyz").await.map(|r| r.0) != Some(200) {
