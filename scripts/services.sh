@@ -12,7 +12,8 @@
 set -euo pipefail
 
 root=$(cd "$(dirname "$0")/.." && pwd)
-dir="$root/target/services"
+# SERVICES_DIR keeps a second set apart (the benchmarks run their own, durable PostgreSQL).
+dir="${SERVICES_DIR:-$root/target/services}"
 envfile="$dir/env.sh"
 mkdir -p "$dir"
 

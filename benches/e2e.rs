@@ -1,0 +1,537 @@
+//! End-to-end benchmarks against real PostgreSQL and a real broker, each with a baseline measured
+//! in the same run. Run through `bash scripts/bench.sh [--short]`, which provisions the services
+//! (PostgreSQL with fsync on) and prints the tables; they are also written to
+//! `target/bench/results.md`.
+//!
+//! 1. Throughput: relay vs raw claim+delete (PostgreSQL alone) vs raw produce (broker alone).
+//! 2. Latency at 25/50/75% of the relay's peak: commit to recorded ack, commit to consumer effect
+//!    (measured from each message's scheduled send time: no coordinated omission).
+//! 3. Backlog drain, and the latency of rows written during the drain.
+//! 4. Inbox cost: consumer throughput without inbox, per-message inbox, batch inbox; 0% and 50%
+//!    duplicates.
+//! 5. Scaling: 1, 2 and 4 relay instances on one database.
+
+#![allow(missing_docs)]
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use hdrhistogram::Histogram;
+use outbox_relay::consumer::{self, ConsumedMessage, ConsumerConfig, ConsumerStats, Handler, HandlerFuture};
+use outbox_relay::db::DbConfig;
+use outbox_relay::relay::claim::ClaimedRow;
+use outbox_relay::relay::{self, envelope, RelayConfig, RelayStats};
+use outbox_relay::schema::{self, SchemaName};
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+type Res<T> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
+
+struct Ctx {
+    db: DbConfig,
+    brokers: String,
+    short: bool,
+    out: String,
+    run_id: String,
+}
+
+impl Ctx {
+    fn size(&self, short: usize, full: usize) -> usize {
+        if self.short {
+            short
+        } else {
+            full
+        }
+    }
+
+    fn say(&mut self, line: &str) {
+        println!("{line}");
+        self.out.push_str(line);
+        self.out.push('\n');
+    }
+
+    async fn schema(&self, name: &str, lanes: u16) -> Res<SchemaName> {
+        let s = SchemaName::new(&format!("bench_{}_{}", name, self.run_id))?;
+        let mut c = self.db.connect().await?;
+        c.batch_execute(&format!("DROP SCHEMA IF EXISTS {} CASCADE", s.ident())).await?;
+        schema::migrate(&mut c, &s, Some(lanes)).await?;
+        Ok(s)
+    }
+
+    async fn topic(&self, name: &str, partitions: i32) -> Res<String> {
+        let t = format!("bench-{name}-{}", self.run_id);
+        let admin: AdminClient<DefaultClientContext> = ClientConfig::new().set("bootstrap.servers", &self.brokers).create()?;
+        let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
+        admin.create_topics([&NewTopic::new(&t, partitions, TopicReplication::Fixed(1))], &opts).await?;
+        Ok(t)
+    }
+
+    fn relay_config(&self, s: &SchemaName) -> RelayConfig {
+        let mut c = RelayConfig::new(self.db.clone(), s.clone(), self.brokers.clone());
+        c.heartbeat_interval = Duration::from_millis(300);
+        c.instance_timeout = Duration::from_secs(3);
+        c
+    }
+}
+
+/// Inserts `n` rows of `size`-byte payloads over `keys` keys in one statement.
+async fn preload(ctx: &Ctx, s: &SchemaName, topic: &str, n: usize, size: usize) -> Res<()> {
+    let c = ctx.db.connect().await?;
+    c.batch_execute("SET statement_timeout = 0").await?;
+    for start in (0..n).step_by(100_000) {
+        let m = (n - start).min(100_000) as i64;
+        c.execute(
+            &s.qualify(
+                "INSERT INTO __SCHEMA__.messages (id, topic, key, payload, content_type)
+                 SELECT gen_random_uuid(), $1, 'key-' || (g % 1000), convert_to(repeat('x', $2), 'UTF8'), 'application/octet-stream'
+                 FROM generate_series(1, $3) g",
+            ),
+            &[&topic, &(size as i32), &m],
+        )
+        .await?;
+    }
+    c.batch_execute(&s.qualify("ANALYZE __SCHEMA__.messages")).await?;
+    Ok(())
+}
+
+async fn backlog(ctx: &Ctx, s: &SchemaName) -> Res<i64> {
+    let c = ctx.db.connect().await?;
+    Ok(c.query_one(&s.qualify("SELECT count(*) FROM __SCHEMA__.messages"), &[]).await?.get(0))
+}
+
+struct Running {
+    stop: CancellationToken,
+    stats: Arc<RelayStats>,
+    task: tokio::task::JoinHandle<Result<Arc<RelayStats>, relay::RelayError>>,
+}
+
+fn start_relay(cfg: RelayConfig) -> Running {
+    let stop = CancellationToken::new();
+    let stats = Arc::new(RelayStats::default());
+    let task = tokio::spawn(relay::run_with_stats(cfg, stop.clone(), stats.clone()));
+    Running { stop, stats, task }
+}
+
+impl Running {
+    async fn wait_lanes(&self, n: u64) {
+        while self.stats.lanes_acquired.load(Ordering::Relaxed) < n {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    async fn stop(self) -> Res<()> {
+        self.stop.cancel();
+        self.task.await??;
+        Ok(())
+    }
+}
+
+/// Raw PostgreSQL: the relay's own claim and delete statements, one session per lane, no Kafka.
+async fn claim_delete_rate(ctx: &Ctx, s: &SchemaName, lanes: i16, n: usize) -> Res<f64> {
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for lane in 0..lanes {
+        let db = ctx.db.clone();
+        let s = s.clone();
+        tasks.push(tokio::spawn(async move {
+            let c = db.connect().await?;
+            let claim = c.prepare(&s.qualify(include_str!("../src/sql/claim.sql"))).await?;
+            let delete = c.prepare(&s.qualify(include_str!("../src/sql/delete_acked.sql"))).await?;
+            let mut done = 0u64;
+            loop {
+                let rows = c.query(&claim, &[&lane, &1000i64]).await?;
+                if rows.is_empty() {
+                    return Ok::<u64, Box<dyn std::error::Error + Send + Sync>>(done);
+                }
+                let seqs: Vec<i64> = rows.iter().map(|r| r.get(0)).collect();
+                c.execute(&delete, &[&lane, &seqs]).await?;
+                done += seqs.len() as u64;
+            }
+        }));
+    }
+    let mut total = 0;
+    for t in tasks {
+        total += t.await??;
+    }
+    assert_eq!(total as usize, n);
+    Ok(n as f64 / start.elapsed().as_secs_f64())
+}
+
+/// Raw broker: the same records (envelope headers included), pipelined, no PostgreSQL.
+async fn produce_rate(ctx: &Ctx, topic: &str, n: usize, size: usize) -> Res<f64> {
+    let settings = outbox_relay::relay::kafka::ProducerSettings {
+        brokers: ctx.brokers.clone(),
+        message_timeout: Duration::from_secs(30),
+        properties: Vec::new(),
+    };
+    let producer: FutureProducer = settings.create()?;
+    let payload = vec![b'x'; size];
+    let row = ClaimedRow {
+        seq: 0,
+        id: Uuid::now_v7(),
+        topic: topic.to_owned(),
+        key: None,
+        payload: None,
+        headers: Vec::new(),
+        malformed: None,
+        message_type: None,
+        content_type: Some("application/octet-stream".into()),
+        correlation_id: None,
+        traceparent: None,
+        created_at: chrono::Utc::now(),
+        attempts: 0,
+        waiting: false,
+        wait_ms: 0,
+        age_ms: 0,
+    };
+    let start = Instant::now();
+    let mut pending = std::collections::VecDeque::with_capacity(n);
+    for i in 0..n {
+        let mut r = row.clone();
+        r.id = Uuid::now_v7();
+        let key = format!("key-{}", i % 1000);
+        let mut record = FutureRecord::to(topic).key(key.as_bytes()).payload(payload.as_slice()).headers(envelope::headers(&r, "/bench"));
+        loop {
+            match producer.send_result(record) {
+                Ok(f) => {
+                    pending.push_back(f);
+                    break;
+                }
+                Err((_, rec)) => {
+                    record = rec;
+                    if let Some(f) = pending.pop_front() {
+                        f.await?.map_err(|(e, _)| e)?;
+                    }
+                }
+            }
+        }
+    }
+    for f in pending {
+        f.await?.map_err(|(e, _)| e)?;
+    }
+    Ok(n as f64 / start.elapsed().as_secs_f64())
+}
+
+/// The relay draining `n` rows committed in one go while it already runs.
+async fn relay_rate(ctx: &Ctx, s: &SchemaName, topic: &str, n: usize, size: usize, instances: usize) -> Res<f64> {
+    let relays: Vec<Running> = (0..instances).map(|_| start_relay(ctx.relay_config(s))).collect();
+    for r in &relays {
+        r.wait_lanes(1).await;
+    }
+    tokio::time::sleep(Duration::from_millis(1200)).await; // let the instances balance their lanes
+    let start = Instant::now();
+    preload(ctx, s, topic, n, size).await?;
+    let total = || relays.iter().map(|r| r.stats.delivered.load(Ordering::Relaxed)).sum::<u64>();
+    while total() < n as u64 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let rate = n as f64 / start.elapsed().as_secs_f64();
+    for r in relays {
+        r.stop().await?;
+    }
+    Ok(rate)
+}
+
+fn pct(h: &Histogram<u64>) -> String {
+    let ms = |v: u64| v as f64 / 1000.0;
+    format!(
+        "{:.2} | {:.2} | {:.2} | {:.2}",
+        ms(h.value_at_quantile(0.5)),
+        ms(h.value_at_quantile(0.99)),
+        ms(h.value_at_quantile(0.999)),
+        ms(h.max())
+    )
+}
+
+struct EffectTimes(String);
+
+impl Handler for EffectTimes {
+    fn handle<'a>(&'a self, tx: &'a tokio_postgres::Transaction<'a>, m: &'a ConsumedMessage) -> HandlerFuture<'a> {
+        Box::pin(async move {
+            let text = std::str::from_utf8(m.payload.as_deref().unwrap_or_default())?;
+            let scheduled: i64 = text.split(':').next().unwrap_or("0").parse()?;
+            tx.execute(&format!("INSERT INTO {} VALUES ($1, $2, clock_timestamp())", self.0), &[&m.id, &scheduled]).await?;
+            Ok(())
+        })
+    }
+}
+
+/// Latency at a fixed write rate, open loop: message i is due at t0 + i/rate, and its payload
+/// carries that due time, so a stalled writer shows up as latency instead of hiding it.
+async fn latency_at(ctx: &Ctx, rate: f64, secs: f64) -> Res<(Histogram<u64>, Histogram<u64>, Histogram<u64>, usize)> {
+    let s = ctx.schema(&format!("lat{}", rate as u64), 16).await?;
+    let topic = ctx.topic(&format!("lat{}", rate as u64), 4).await?;
+    let effects = format!("{}.effects", s.ident());
+    ctx.db.connect().await?.batch_execute(&format!("CREATE TABLE {effects} (id uuid, scheduled_us bigint, applied_at timestamptz)")).await?;
+    let mut rc = ctx.relay_config(&s);
+    rc.archive = true;
+    let relay = start_relay(rc);
+    relay.wait_lanes(16).await;
+    let mut cc = ConsumerConfig::new(ctx.brokers.clone(), format!("lat-{}", ctx.run_id), vec![topic.clone()], "bench", s.clone(), ctx.db.clone());
+    cc.batch_size = 50;
+    let cstop = CancellationToken::new();
+    let cstats = Arc::new(ConsumerStats::default());
+    let consumer = tokio::spawn(consumer::run(cc, Arc::new(EffectTimes(effects.clone())), cstop.clone(), cstats.clone()));
+    tokio::time::sleep(Duration::from_secs(6)).await; // group join
+    let n = (rate * secs) as usize;
+    let writers = 8usize;
+    let t0 = Instant::now() + Duration::from_millis(200);
+    let epoch0 = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_micros() as i64 + 200_000;
+    let mut tasks = Vec::new();
+    for w in 0..writers {
+        let (db, s, topic) = (ctx.db.clone(), s.clone(), topic.clone());
+        tasks.push(tokio::spawn(async move {
+            let c = db.connect().await?;
+            let stmt = c.prepare(&s.qualify("SELECT __SCHEMA__.enqueue($1, $2, convert_to($3, 'UTF8'))")).await?;
+            let mut i = w;
+            while i < n {
+                let due = Duration::from_secs_f64(i as f64 / rate);
+                tokio::time::sleep_until((t0 + due).into()).await;
+                let payload = format!("{}:{}", epoch0 + due.as_micros() as i64, "x".repeat(180));
+                c.execute(&stmt, &[&topic, &format!("key-{}", i % 1000), &payload]).await?;
+                i += writers;
+            }
+            Ok::<(), Box<dyn std::error::Error + Send + Sync>>(())
+        }));
+    }
+    for t in tasks {
+        t.await??;
+    }
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while cstats.processed.load(Ordering::Relaxed) < n as u64 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    cstop.cancel();
+    consumer.await??;
+    relay.stop().await?;
+    let c = ctx.db.connect().await?;
+    let mut ack = Histogram::<u64>::new(3)?;
+    for r in c.query(&s.qualify("SELECT (extract(epoch FROM delivered_at - created_at) * 1e6)::bigint FROM __SCHEMA__.delivered"), &[]).await? {
+        ack.record(r.get::<_, i64>(0).max(1) as u64)?;
+    }
+    let mut effect = Histogram::<u64>::new(3)?;
+    for r in c.query(&format!("SELECT (extract(epoch FROM applied_at) * 1e6)::bigint - scheduled_us FROM {effects}"), &[]).await? {
+        effect.record(r.get::<_, i64>(0).max(1) as u64)?;
+    }
+    let mut lag = Histogram::<u64>::new(3)?;
+    for r in c.query(&s.qualify("SELECT (extract(epoch FROM created_at) * 1e6)::bigint - (split_part(convert_from(payload, 'UTF8'), ':', 1))::bigint FROM __SCHEMA__.messages"), &[]).await? {
+        lag.record(r.get::<_, i64>(0).max(1) as u64)?;
+    }
+    let applied = effect.len() as usize;
+    Ok((ack, effect, lag, applied))
+}
+
+/// Consumer throughput over `m` records (`dup_share` of them repeated), in one of three modes.
+async fn inbox_rate(ctx: &Ctx, mode: &str, m: usize, dup_share: f64) -> Res<f64> {
+    let s = ctx.schema(&format!("inbox_{mode}_{}", (dup_share * 100.0) as u32), 4).await?;
+    let topic = ctx.topic(&format!("inbox-{mode}-{}", (dup_share * 100.0) as u32), 4).await?;
+    let table = format!("{}.effects", s.ident());
+    ctx.db.connect().await?.batch_execute(&format!("CREATE TABLE {table} (id uuid, amount bigint)")).await?;
+    // The records, straight to the broker as the relay would send them.
+    let producer: FutureProducer = ClientConfig::new().set("bootstrap.servers", &ctx.brokers).set("linger.ms", "5").create()?;
+    let distinct = ((m as f64) * (1.0 - dup_share)).round() as usize;
+    let ids: Vec<Uuid> = (0..distinct).map(|_| Uuid::now_v7()).collect();
+    let mut pending = Vec::with_capacity(m);
+    for i in 0..m {
+        let id = ids[i % distinct].to_string();
+        let key = format!("k{}", i % 100);
+        let h = OwnedHeaders::new().insert(Header { key: "ce_id", value: Some(id.as_str()) });
+        pending.push(producer.send_result(FutureRecord::to(&topic).key(key.as_str()).payload("7").headers(h)).map_err(|(e, _)| e)?);
+    }
+    for p in pending {
+        p.await?.map_err(|(e, _)| e)?;
+    }
+    let start = Instant::now();
+    if mode == "none" {
+        // Baseline: the same effect in a transaction per message, offsets stored after commit, no dedup.
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &ctx.brokers)
+            .set("group.id", format!("none-{}", ctx.run_id))
+            .set("enable.auto.offset.store", "false")
+            .set("auto.offset.reset", "earliest")
+            .create()?;
+        consumer.subscribe(&[&topic])?;
+        let mut c = ctx.db.connect().await?;
+        let stmt = c.prepare(&format!("INSERT INTO {table} VALUES ($1, $2)")).await?;
+        let mut seen = 0;
+        let mut first: Option<Instant> = None;
+        while seen < m {
+            let Some(msg) = consumer.poll(Duration::from_millis(100)) else { continue };
+            let msg = msg?;
+            first.get_or_insert_with(Instant::now);
+            let id: Uuid = msg.headers().and_then(|h| h.iter().next()).and_then(|h| std::str::from_utf8(h.value?).ok()?.parse().ok()).unwrap_or_default();
+            let tx = c.transaction().await?;
+            tx.execute(&stmt, &[&id, &7i64]).await?;
+            tx.commit().await?;
+            consumer.store_offset_from_message(&msg)?;
+            seen += 1;
+        }
+        // Time from the first record on, like the runner modes below (group join excluded).
+        return Ok(m as f64 / first.map_or(start, |f| f).elapsed().as_secs_f64());
+    }
+    struct Effect(String);
+    impl Handler for Effect {
+        fn handle<'a>(&'a self, tx: &'a tokio_postgres::Transaction<'a>, m: &'a ConsumedMessage) -> HandlerFuture<'a> {
+            Box::pin(async move {
+                tx.execute(&format!("INSERT INTO {} VALUES ($1, 7)", self.0), &[&m.id]).await?;
+                Ok(())
+            })
+        }
+    }
+    let mut cc = ConsumerConfig::new(ctx.brokers.clone(), format!("{mode}-{}-{}", ctx.run_id, (dup_share * 100.0) as u32), vec![topic], "bench", s.clone(), ctx.db.clone());
+    cc.batch_size = if mode == "batch" { 200 } else { 1 };
+    let stop = CancellationToken::new();
+    let stats = Arc::new(ConsumerStats::default());
+    let task = tokio::spawn(consumer::run(cc, Arc::new(Effect(table)), stop.clone(), stats.clone()));
+    let seen = || stats.processed.load(Ordering::Relaxed) + stats.duplicates.load(Ordering::Relaxed);
+    while seen() == 0 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let first = Instant::now();
+    while seen() < m as u64 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let rate = m as f64 / first.elapsed().as_secs_f64();
+    assert_eq!(stats.processed.load(Ordering::Relaxed) as usize, distinct, "effects applied once each");
+    stop.cancel();
+    task.await??;
+    Ok(rate)
+}
+
+#[tokio::main(flavor = "multi_thread")]
+async fn main() -> Res<()> {
+    let short = std::env::args().any(|a| a == "--short");
+    let db = DbConfig::parse(&std::env::var("DATABASE_URL").map_err(|_| "DATABASE_URL is not set: run `bash scripts/bench.sh`")?)?
+        .with_statement_timeout(None);
+    let brokers = std::env::var("KAFKA_BROKERS").map_err(|_| "KAFKA_BROKERS is not set: run `bash scripts/bench.sh`")?;
+    let run_id = format!("{:x}", std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs() % 0xfffff);
+    let mut ctx = Ctx { db, brokers, short, out: String::new(), run_id };
+    let c = ctx.db.connect().await?;
+    let fsync: String = c.query_one("SHOW fsync", &[]).await?.get(0);
+    let sync: String = c.query_one("SHOW synchronous_commit", &[]).await?.get(0);
+    ctx.say(&format!("# outbox-relay benchmarks ({} mode; PostgreSQL fsync={fsync}, synchronous_commit={sync})\n", if short { "short" } else { "full" }));
+
+    // 1. Throughput.
+    let n = ctx.size(30_000, 150_000);
+    ctx.say(&format!("## 1. Throughput ({n} messages, 16 lanes, 4 partitions)\n"));
+    ctx.say("| payload | claim+delete alone (msg/s) | produce alone (msg/s) | relay (msg/s) | relay / min(both) |");
+    ctx.say("|---|---|---|---|---|");
+    let mut peak = 0.0;
+    for size in [200usize, 2048] {
+        let s = ctx.schema(&format!("cd{size}"), 16).await?;
+        let topic = ctx.topic(&format!("cd{size}"), 4).await?;
+        preload(&ctx, &s, &topic, n, size).await?;
+        let cd = claim_delete_rate(&ctx, &s, 16, n).await?;
+        let prod = produce_rate(&ctx, &ctx.topic(&format!("prod{size}"), 4).await?, n, size).await?;
+        let s2 = ctx.schema(&format!("relay{size}"), 16).await?;
+        let rl = relay_rate(&ctx, &s2, &topic, n, size, 1).await?;
+        if size == 200 {
+            peak = rl;
+        }
+        ctx.say(&format!("| {size} B | {cd:.0} | {prod:.0} | {rl:.0} | {:.2} |", rl / cd.min(prod)));
+    }
+
+    // 2. Latency.
+    let secs = if short { 8.0 } else { 20.0 };
+    ctx.say(&format!("\n## 2. Latency at a fixed write rate ({secs:.0} s each, open loop, 200 B, 8 writers)\n"));
+    ctx.say("| rate | of peak | commit→ack recorded p50 / p99 / p99.9 / max (ms) | commit→effect p50 / p99 / p99.9 / max (ms) | writer lag p99 (ms) | effects |");
+    ctx.say("|---|---|---|---|---|---|");
+    for share in [0.25, 0.5, 0.75] {
+        let rate = (peak * share).min(6000.0);
+        let (ack, effect, lag, applied) = latency_at(&ctx, rate, secs).await?;
+        ctx.say(&format!(
+            "| {rate:.0}/s | {:.0}% | {} | {} | {:.2} | {applied} |",
+            rate / peak * 100.0,
+            pct(&ack),
+            pct(&effect),
+            if lag.is_empty() { 0.0 } else { lag.value_at_quantile(0.99) as f64 / 1000.0 }
+        ));
+    }
+
+    // 3. Backlog drain.
+    let drain_n = ctx.size(100_000, 500_000);
+    ctx.say(&format!("\n## 3. Backlog drain ({drain_n} rows of 200 B written while the relay was stopped)\n"));
+    let s = ctx.schema("drain", 16).await?;
+    let topic = ctx.topic("drain", 4).await?;
+    preload(&ctx, &s, &topic, drain_n, 200).await?;
+    let mut rc = ctx.relay_config(&s);
+    rc.archive = true;
+    let started = Instant::now();
+    let relay = start_relay(rc);
+    let (db, s2, t2) = (ctx.db.clone(), s.clone(), topic.clone());
+    let probe = tokio::spawn(async move {
+        let c = db.connect().await?;
+        let mut ids = Vec::new();
+        for _ in 0..10_000 {
+            let id: Uuid = c.query_one(&s2.qualify("SELECT __SCHEMA__.enqueue($1, 'probe', '\\x01')"), &[&t2]).await?.get(0);
+            ids.push(id);
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            if c.query_one(&s2.qualify("SELECT count(*) FROM __SCHEMA__.messages"), &[]).await?.get::<_, i64>(0) == 0 {
+                break;
+            }
+        }
+        Ok::<Vec<Uuid>, Box<dyn std::error::Error + Send + Sync>>(ids)
+    });
+    while backlog(&ctx, &s).await? > 0 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let drained = started.elapsed();
+    let ids = probe.await??;
+    relay.stop().await?;
+    let mut during = Histogram::<u64>::new(3)?;
+    for r in c.query(&s.qualify("SELECT (extract(epoch FROM delivered_at - created_at) * 1e6)::bigint FROM __SCHEMA__.delivered WHERE id = ANY($1)"), &[&ids]).await? {
+        during.record(r.get::<_, i64>(0).max(1) as u64)?;
+    }
+    ctx.say("| rows | drain time (s) | rows/s | new rows during the drain: commit→ack p50 / p99 / p99.9 / max (ms) |");
+    ctx.say("|---|---|---|---|");
+    ctx.say(&format!("| {drain_n} | {:.2} | {:.0} | {} ({} rows) |", drained.as_secs_f64(), drain_n as f64 / drained.as_secs_f64(), pct(&during), during.len()));
+
+    // 4. Inbox cost.
+    let m = ctx.size(10_000, 40_000);
+    ctx.say(&format!("\n## 4. Inbox cost ({m} records, 4 partitions; msg/s from the first record)\n"));
+    ctx.say("| duplicates | no inbox (baseline) | per-message inbox | batch inbox (200) | per-message / baseline | batch / baseline |");
+    ctx.say("|---|---|---|---|---|---|");
+    for dup in [0.0, 0.5] {
+        let none = inbox_rate(&ctx, "none", m, dup).await?;
+        let single = inbox_rate(&ctx, "single", m, dup).await?;
+        let batch = inbox_rate(&ctx, "batch", m, dup).await?;
+        ctx.say(&format!("| {:.0}% | {none:.0} | {single:.0} | {batch:.0} | {:.2} | {:.2} |", dup * 100.0, single / none, batch / none));
+    }
+
+    // 5. Scaling.
+    let k = ctx.size(30_000, 150_000);
+    ctx.say(&format!("\n## 5. Scaling ({k} rows of 200 B, 16 lanes, instances in one process on this machine)\n"));
+    ctx.say("| instances | msg/s | vs 1 |");
+    ctx.say("|---|---|---|");
+    let mut one = 0.0;
+    for instances in [1usize, 2, 4] {
+        let s = ctx.schema(&format!("scale{instances}"), 16).await?;
+        let topic = ctx.topic(&format!("scale{instances}"), 4).await?;
+        let r = relay_rate(&ctx, &s, &topic, k, 200, instances).await?;
+        if instances == 1 {
+            one = r;
+        }
+        ctx.say(&format!("| {instances} | {r:.0} | {:.2} |", r / one));
+    }
+
+    std::fs::create_dir_all("target/bench")?;
+    std::fs::write("target/bench/results.md", &ctx.out)?;
+    // Leave nothing behind.
+    let c = ctx.db.connect().await?;
+    let schemas: Vec<String> = c
+        .query("SELECT nspname FROM pg_namespace WHERE nspname LIKE 'bench\\_%' || $1", &[&ctx.run_id])
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    for sch in schemas {
+        c.batch_execute(&format!("DROP SCHEMA \"{sch}\" CASCADE")).await?;
+    }
+    Ok(())
+}
