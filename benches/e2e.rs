@@ -67,7 +67,8 @@ impl Ctx {
 
     async fn topic(&self, name: &str, partitions: i32) -> Res<String> {
         let t = format!("bench-{name}-{}", self.run_id);
-        let admin: AdminClient<DefaultClientContext> = ClientConfig::new().set("bootstrap.servers", &self.brokers).create()?;
+        let admin: AdminClient<DefaultClientContext> =
+            ClientConfig::new().set("bootstrap.servers", &self.brokers).create()?;
         let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
         admin.create_topics([&NewTopic::new(&t, partitions, TopicReplication::Fixed(1))], &opts).await?;
         Ok(t)
@@ -91,7 +92,7 @@ async fn preload(ctx: &Ctx, s: &SchemaName, topic: &str, n: usize, size: usize) 
             &s.qualify(
                 "INSERT INTO __SCHEMA__.messages (id, topic, key, payload, content_type)
                  SELECT gen_random_uuid(), $1, 'key-' || (g % 1000), convert_to(repeat('x', $2), 'UTF8'), 'application/octet-stream'
-                 FROM generate_series(1, $3) g",
+                 FROM generate_series(1, $3::bigint) g",
             ),
             &[&topic, &(size as i32), &m],
         )
@@ -196,7 +197,10 @@ async fn produce_rate(ctx: &Ctx, topic: &str, n: usize, size: usize) -> Res<f64>
         let mut r = row.clone();
         r.id = Uuid::now_v7();
         let key = format!("key-{}", i % 1000);
-        let mut record = FutureRecord::to(topic).key(key.as_bytes()).payload(payload.as_slice()).headers(envelope::headers(&r, "/bench"));
+        let mut record = FutureRecord::to(topic)
+            .key(key.as_bytes())
+            .payload(payload.as_slice())
+            .headers(envelope::headers(&r, "/bench"));
         loop {
             match producer.send_result(record) {
                 Ok(f) => {
@@ -256,7 +260,8 @@ impl Handler for EffectTimes {
         Box::pin(async move {
             let text = std::str::from_utf8(m.payload.as_deref().unwrap_or_default())?;
             let scheduled: i64 = text.split(':').next().unwrap_or("0").parse()?;
-            tx.execute(&format!("INSERT INTO {} VALUES ($1, $2, clock_timestamp())", self.0), &[&m.id, &scheduled]).await?;
+            tx.execute(&format!("INSERT INTO {} VALUES ($1, $2, clock_timestamp())", self.0), &[&m.id, &scheduled])
+                .await?;
             Ok(())
         })
     }
@@ -268,16 +273,28 @@ async fn latency_at(ctx: &Ctx, rate: f64, secs: f64) -> Res<(Histogram<u64>, His
     let s = ctx.schema(&format!("lat{}", rate as u64), 16).await?;
     let topic = ctx.topic(&format!("lat{}", rate as u64), 4).await?;
     let effects = format!("{}.effects", s.ident());
-    ctx.db.connect().await?.batch_execute(&format!("CREATE TABLE {effects} (id uuid, scheduled_us bigint, applied_at timestamptz)")).await?;
+    ctx.db
+        .connect()
+        .await?
+        .batch_execute(&format!("CREATE TABLE {effects} (id uuid, scheduled_us bigint, applied_at timestamptz)"))
+        .await?;
     let mut rc = ctx.relay_config(&s);
     rc.archive = true;
     let relay = start_relay(rc);
     relay.wait_lanes(16).await;
-    let mut cc = ConsumerConfig::new(ctx.brokers.clone(), format!("lat-{}", ctx.run_id), vec![topic.clone()], "bench", s.clone(), ctx.db.clone());
+    let mut cc = ConsumerConfig::new(
+        ctx.brokers.clone(),
+        format!("lat-{}", ctx.run_id),
+        vec![topic.clone()],
+        "bench",
+        s.clone(),
+        ctx.db.clone(),
+    );
     cc.batch_size = 50;
     let cstop = CancellationToken::new();
     let cstats = Arc::new(ConsumerStats::default());
-    let consumer = tokio::spawn(consumer::run(cc, Arc::new(EffectTimes(effects.clone())), cstop.clone(), cstats.clone()));
+    let consumer =
+        tokio::spawn(consumer::run(cc, Arc::new(EffectTimes(effects.clone())), cstop.clone(), cstats.clone()));
     tokio::time::sleep(Duration::from_secs(6)).await; // group join
     let n = (rate * secs) as usize;
     let writers = 8usize;
@@ -312,11 +329,22 @@ async fn latency_at(ctx: &Ctx, rate: f64, secs: f64) -> Res<(Histogram<u64>, His
     relay.stop().await?;
     let c = ctx.db.connect().await?;
     let mut ack = Histogram::<u64>::new(3)?;
-    for r in c.query(&s.qualify("SELECT (extract(epoch FROM delivered_at - created_at) * 1e6)::bigint FROM __SCHEMA__.delivered"), &[]).await? {
+    for r in c
+        .query(
+            &s.qualify(
+                "SELECT (extract(epoch FROM delivered_at - created_at) * 1e6)::bigint FROM __SCHEMA__.delivered",
+            ),
+            &[],
+        )
+        .await?
+    {
         ack.record(r.get::<_, i64>(0).max(1) as u64)?;
     }
     let mut effect = Histogram::<u64>::new(3)?;
-    for r in c.query(&format!("SELECT (extract(epoch FROM applied_at) * 1e6)::bigint - scheduled_us FROM {effects}"), &[]).await? {
+    for r in c
+        .query(&format!("SELECT (extract(epoch FROM applied_at) * 1e6)::bigint - scheduled_us FROM {effects}"), &[])
+        .await?
+    {
         effect.record(r.get::<_, i64>(0).max(1) as u64)?;
     }
     let mut lag = Histogram::<u64>::new(3)?;
@@ -334,7 +362,8 @@ async fn inbox_rate(ctx: &Ctx, mode: &str, m: usize, dup_share: f64) -> Res<f64>
     let table = format!("{}.effects", s.ident());
     ctx.db.connect().await?.batch_execute(&format!("CREATE TABLE {table} (id uuid, amount bigint)")).await?;
     // The records, straight to the broker as the relay would send them.
-    let producer: FutureProducer = ClientConfig::new().set("bootstrap.servers", &ctx.brokers).set("linger.ms", "5").create()?;
+    let producer: FutureProducer =
+        ClientConfig::new().set("bootstrap.servers", &ctx.brokers).set("linger.ms", "5").create()?;
     let distinct = ((m as f64) * (1.0 - dup_share)).round() as usize;
     let ids: Vec<Uuid> = (0..distinct).map(|_| Uuid::now_v7()).collect();
     let mut pending = Vec::with_capacity(m);
@@ -342,7 +371,11 @@ async fn inbox_rate(ctx: &Ctx, mode: &str, m: usize, dup_share: f64) -> Res<f64>
         let id = ids[i % distinct].to_string();
         let key = format!("k{}", i % 100);
         let h = OwnedHeaders::new().insert(Header { key: "ce_id", value: Some(id.as_str()) });
-        pending.push(producer.send_result(FutureRecord::to(&topic).key(key.as_str()).payload("7").headers(h)).map_err(|(e, _)| e)?);
+        pending.push(
+            producer
+                .send_result(FutureRecord::to(&topic).key(key.as_str()).payload("7").headers(h))
+                .map_err(|(e, _)| e)?,
+        );
     }
     for p in pending {
         p.await?.map_err(|(e, _)| e)?;
@@ -365,7 +398,11 @@ async fn inbox_rate(ctx: &Ctx, mode: &str, m: usize, dup_share: f64) -> Res<f64>
             let Some(msg) = consumer.poll(Duration::from_millis(100)) else { continue };
             let msg = msg?;
             first.get_or_insert_with(Instant::now);
-            let id: Uuid = msg.headers().and_then(|h| h.iter().next()).and_then(|h| std::str::from_utf8(h.value?).ok()?.parse().ok()).unwrap_or_default();
+            let id: Uuid = msg
+                .headers()
+                .and_then(|h| h.iter().next())
+                .and_then(|h| std::str::from_utf8(h.value?).ok()?.parse().ok())
+                .unwrap_or_default();
             let tx = c.transaction().await?;
             tx.execute(&stmt, &[&id, &7i64]).await?;
             tx.commit().await?;
@@ -384,7 +421,14 @@ async fn inbox_rate(ctx: &Ctx, mode: &str, m: usize, dup_share: f64) -> Res<f64>
             })
         }
     }
-    let mut cc = ConsumerConfig::new(ctx.brokers.clone(), format!("{mode}-{}-{}", ctx.run_id, (dup_share * 100.0) as u32), vec![topic], "bench", s.clone(), ctx.db.clone());
+    let mut cc = ConsumerConfig::new(
+        ctx.brokers.clone(),
+        format!("{mode}-{}-{}", ctx.run_id, (dup_share * 100.0) as u32),
+        vec![topic],
+        "bench",
+        s.clone(),
+        ctx.db.clone(),
+    );
     cc.batch_size = if mode == "batch" { 200 } else { 1 };
     let stop = CancellationToken::new();
     let stats = Arc::new(ConsumerStats::default());
@@ -407,15 +451,22 @@ async fn inbox_rate(ctx: &Ctx, mode: &str, m: usize, dup_share: f64) -> Res<f64>
 #[tokio::main(flavor = "multi_thread")]
 async fn main() -> Res<()> {
     let short = std::env::args().any(|a| a == "--short");
-    let db = DbConfig::parse(&std::env::var("DATABASE_URL").map_err(|_| "DATABASE_URL is not set: run `bash scripts/bench.sh`")?)?
-        .with_statement_timeout(None);
-    let brokers = std::env::var("KAFKA_BROKERS").map_err(|_| "KAFKA_BROKERS is not set: run `bash scripts/bench.sh`")?;
-    let run_id = format!("{:x}", std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs() % 0xfffff);
+    let db = DbConfig::parse(
+        &std::env::var("DATABASE_URL").map_err(|_| "DATABASE_URL is not set: run `bash scripts/bench.sh`")?,
+    )?
+    .with_statement_timeout(None);
+    let brokers =
+        std::env::var("KAFKA_BROKERS").map_err(|_| "KAFKA_BROKERS is not set: run `bash scripts/bench.sh`")?;
+    let run_id =
+        format!("{:x}", std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs() % 0xfffff);
     let mut ctx = Ctx { db, brokers, short, out: String::new(), run_id };
     let c = ctx.db.connect().await?;
     let fsync: String = c.query_one("SHOW fsync", &[]).await?.get(0);
     let sync: String = c.query_one("SHOW synchronous_commit", &[]).await?.get(0);
-    ctx.say(&format!("# outbox-relay benchmarks ({} mode; PostgreSQL fsync={fsync}, synchronous_commit={sync})\n", if short { "short" } else { "full" }));
+    ctx.say(&format!(
+        "# outbox-relay benchmarks ({} mode; PostgreSQL fsync={fsync}, synchronous_commit={sync})\n",
+        if short { "short" } else { "full" }
+    ));
 
     // 1. Throughput.
     let n = ctx.size(30_000, 150_000);
@@ -469,7 +520,8 @@ async fn main() -> Res<()> {
         let c = db.connect().await?;
         let mut ids = Vec::new();
         for _ in 0..10_000 {
-            let id: Uuid = c.query_one(&s2.qualify("SELECT __SCHEMA__.enqueue($1, 'probe', '\\x01')"), &[&t2]).await?.get(0);
+            let id: Uuid =
+                c.query_one(&s2.qualify("SELECT __SCHEMA__.enqueue($1, 'probe', '\\x01')"), &[&t2]).await?.get(0);
             ids.push(id);
             tokio::time::sleep(Duration::from_millis(50)).await;
             if c.query_one(&s2.qualify("SELECT count(*) FROM __SCHEMA__.messages"), &[]).await?.get::<_, i64>(0) == 0 {
@@ -490,7 +542,13 @@ async fn main() -> Res<()> {
     }
     ctx.say("| rows | drain time (s) | rows/s | new rows during the drain: commit→ack p50 / p99 / p99.9 / max (ms) |");
     ctx.say("|---|---|---|---|");
-    ctx.say(&format!("| {drain_n} | {:.2} | {:.0} | {} ({} rows) |", drained.as_secs_f64(), drain_n as f64 / drained.as_secs_f64(), pct(&during), during.len()));
+    ctx.say(&format!(
+        "| {drain_n} | {:.2} | {:.0} | {} ({} rows) |",
+        drained.as_secs_f64(),
+        drain_n as f64 / drained.as_secs_f64(),
+        pct(&during),
+        during.len()
+    ));
 
     // 4. Inbox cost.
     let m = ctx.size(10_000, 40_000);
@@ -501,7 +559,12 @@ async fn main() -> Res<()> {
         let none = inbox_rate(&ctx, "none", m, dup).await?;
         let single = inbox_rate(&ctx, "single", m, dup).await?;
         let batch = inbox_rate(&ctx, "batch", m, dup).await?;
-        ctx.say(&format!("| {:.0}% | {none:.0} | {single:.0} | {batch:.0} | {:.2} | {:.2} |", dup * 100.0, single / none, batch / none));
+        ctx.say(&format!(
+            "| {:.0}% | {none:.0} | {single:.0} | {batch:.0} | {:.2} | {:.2} |",
+            dup * 100.0,
+            single / none,
+            batch / none
+        ));
     }
 
     // 5. Scaling.

@@ -34,7 +34,9 @@ fn row() -> ClaimedRow {
 
 fn envelope_encoding(c: &mut Criterion) {
     let r = row();
-    c.bench_function("envelope headers for one row", |b| b.iter(|| envelope::headers(std::hint::black_box(&r), "/outbox-relay/outbox")));
+    c.bench_function("envelope headers for one row", |b| {
+        b.iter(|| envelope::headers(std::hint::black_box(&r), "/outbox-relay/outbox"))
+    });
 }
 
 fn message_building(c: &mut Criterion) {

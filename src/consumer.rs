@@ -211,6 +211,9 @@ pub enum ConsumerError {
         /// Last handler error.
         error: String,
     },
+    /// A dead letter could not be written for a reason that will not pass by itself.
+    #[error("writing an inbox dead letter failed permanently ({0}): check the consumer role's grants on inbox_dead_letters; the message was not acknowledged and is delivered again after a restart")]
+    DeadLetterWrite(String),
     /// The test fault injector fired.
     #[error("crash injected after the database commit")]
     InjectedCrash,
@@ -341,6 +344,13 @@ pub async fn run<H: Handler>(
                     // Its worker finishes the message in hand; the rest goes to the next owner.
                     if let Some(w) = workers.remove(&key) {
                         w.revoked.cancel();
+                        // librdkafka keeps an application pause across revoke and re-assign:
+                        // lift it, or the partition would stay paused if it comes back.
+                        if w.paused {
+                            let mut tpl = rdkafka::TopicPartitionList::new();
+                            tpl.add_partition(&key.0, key.1);
+                            let _ = shared.consumer.resume(&tpl);
+                        }
                     }
                 }
             }
@@ -481,7 +491,9 @@ async fn process<H: Handler>(shared: &Shared<H>, db: &mut Option<Client>, batch:
             ConsumedOrBad::NoId(m, reason) => {
                 tracing::error!(topic = %m.topic, partition = m.partition, offset = m.offset, reason,
                     "message without a usable id: dead-lettered, never applied");
-                dead_letter(shared, db, &m, None, reason, "the message has no usable id header", 0).await;
+                if !dead_letter(shared, db, &m, None, reason, "the message has no usable id header", 0).await {
+                    return false;
+                }
             }
         }
     }
@@ -656,8 +668,7 @@ async fn poison<H: Handler>(
         PoisonPolicy::DeadLetter => {
             tracing::error!(message_id = %m.id, topic = %m.topic, partition = m.partition, offset = m.offset, attempts,
                 error = %error, "poison message dead-lettered; the partition goes on");
-            dead_letter(shared, db, m, Some(m.id), "handler_failed", error, attempts as i32).await;
-            true
+            dead_letter(shared, db, m, Some(m.id), "handler_failed", error, attempts as i32).await
         }
         PoisonPolicy::Stop => {
             *shared.failure.lock().expect("lock") = Some(ConsumerError::Poison {
@@ -673,7 +684,9 @@ async fn poison<H: Handler>(
     }
 }
 
-/// Writes an inbox dead letter; retries with backoff until it is written (it must not be lost).
+/// Writes an inbox dead letter; retries with backoff while the failure is transient. Returns
+/// false (and the message is not acknowledged) when the runner is stopping or the failure is
+/// permanent, which stops the runner with an error saying so.
 async fn dead_letter<H: Handler>(
     shared: &Shared<H>,
     db: &mut Option<Client>,
@@ -682,17 +695,23 @@ async fn dead_letter<H: Handler>(
     reason: &str,
     error: &str,
     attempts: i32,
-) {
+) -> bool {
+    // jsonb cannot hold NUL: header bytes are kept as text with NUL escaped.
     let headers = serde_json::Value::Object(
         m.headers
             .iter()
-            .map(|(k, v)| (k.clone(), serde_json::Value::String(String::from_utf8_lossy(v).into_owned())))
+            .map(|(k, v)| {
+                (
+                    k.replace('\0', "\\u0000"),
+                    serde_json::Value::String(String::from_utf8_lossy(v).replace('\0', "\\u0000")),
+                )
+            })
             .collect(),
     );
     let mut failures = 0u32;
     loop {
-        let written = async {
-            let client = session(&shared.config.db, db).await?;
+        let written: Result<u64, (bool, String)> = async {
+            let client = session(&shared.config.db, db).await.map_err(|e| (false, e))?;
             client
                 .execute(
                     &shared.dead_letter_sql,
@@ -711,20 +730,35 @@ async fn dead_letter<H: Handler>(
                     ],
                 )
                 .await
-                .map_err(|e| e.to_string())
+                .map_err(|e| {
+                    (
+                        crate::classify::postgres(&e).disposition == crate::classify::Disposition::Permanent,
+                        e.to_string(),
+                    )
+                })
         }
         .await;
         match written {
             Ok(_) => {
                 shared.stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
                 crate::telemetry::inbox_dead_lettered(shared.inbox.consumer(), reason);
-                return;
+                return true;
             }
-            Err(e) => {
+            Err((true, e)) => {
+                tracing::error!(topic = %m.topic, partition = m.partition, offset = m.offset, error = %e,
+                    "an inbox dead letter cannot be written; stopping");
+                *shared.failure.lock().expect("lock") = Some(ConsumerError::DeadLetterWrite(e));
+                shared.abort.cancel();
+                return false;
+            }
+            Err((false, e)) => {
+                if shared.abort.is_cancelled() {
+                    return false;
+                }
                 *db = None;
                 failures += 1;
                 let delay = shared.config.backoff.delay(failures.min(10));
-                tracing::warn!(error = %e, "could not write an inbox dead letter; retrying");
+                tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "could not write an inbox dead letter; retrying");
                 tokio::time::sleep(delay).await;
             }
         }

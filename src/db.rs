@@ -206,12 +206,14 @@ impl DbConfig {
             }
             TlsMode::VerifyCa | TlsMode::VerifyFull => self.connect_tls(closed.clone(), tx).await?,
         };
+        // Server-side keepalives too: without them a backend (and the lane lock it holds) outlives
+        // a crashed or partitioned client by the kernel's default of about two hours.
+        let mut setup =
+            "SET tcp_keepalives_idle = 30; SET tcp_keepalives_interval = 10; SET tcp_keepalives_count = 3;".to_owned();
         if let Some(t) = self.statement_timeout {
-            client
-                .batch_execute(&format!("SET statement_timeout = {}", t.as_millis()))
-                .await
-                .map_err(ConnectError::Session)?;
+            setup.push_str(&format!("SET statement_timeout = {};", t.as_millis()));
         }
+        client.batch_execute(&setup).await.map_err(ConnectError::Session)?;
         Ok((client, closed, rx))
     }
 

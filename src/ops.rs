@@ -198,7 +198,7 @@ pub async fn list(
             shift(&cond, 2)
         ),
         Source::Inbox => format!(
-            "SELECT dead_letter_id::text, message_id, consumer, topic, convert_from(key, 'UTF8'), reason, NULL::text, error,
+            "SELECT dead_letter_id::text, message_id, consumer, topic, encode(key, 'escape'), reason, NULL::text, error,
                     attempts, NULL::timestamptz, dead_lettered_at, kafka_partition, kafka_offset, octet_length(payload), headers,
                     CASE WHEN $2 THEN payload END
              FROM {}.inbox_dead_letters WHERE {} ORDER BY dead_lettered_at DESC, dead_letter_id DESC LIMIT $1",

@@ -197,6 +197,8 @@ pub struct RelayStats {
     pub breaker_closed: AtomicU64,
     /// Records sent as half-open probes (the only produce attempts while the breaker is not closed).
     pub probes: AtomicU64,
+    /// Rows acknowledged after an earlier row of their key failed in the same batch.
+    pub order_hazards: AtomicU64,
     /// The latest retry delays chosen, as (attempt, delay), newest last; at most 1,000.
     pub retry_delays: std::sync::Mutex<std::collections::VecDeque<(u32, Duration)>>,
 }
@@ -420,14 +422,18 @@ impl Coordinator {
         }
     }
 
-    async fn heartbeat(&mut self) -> Result<i64, tokio_postgres::Error> {
+    async fn heartbeat(&mut self) -> Result<i64, String> {
+        self.heartbeat_inner().await.map_err(|e| e.to_string())?.ok_or_else(|| "no control session".to_owned())
+    }
+
+    async fn heartbeat_inner(&mut self) -> Result<Option<i64>, tokio_postgres::Error> {
         let lanes: Vec<i16> = self.owned.keys().copied().collect();
         let id = self.config().instance_id;
         let timeout_ms = self.config().instance_timeout.as_millis() as i64;
         let schema = self.config().schema.clone();
         let host = hostname();
         let breaker = self.shared.breaker.state().as_str();
-        let Some(control) = self.control().await else { return Ok(1) };
+        let Some(control) = self.control().await else { return Ok(None) };
         control
             .execute(
                 &schema.qualify(
@@ -459,7 +465,7 @@ impl Coordinator {
             )
             .await?
             .get(0);
-        Ok(live)
+        Ok(Some(live))
     }
 
     async fn acquire(&mut self, target: usize) -> Result<(), tokio_postgres::Error> {

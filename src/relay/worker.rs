@@ -141,6 +141,7 @@ pub(crate) async fn run_lane(
                 }
             }
         }
+        note_order_hazards(&shared, lane, rows, &acked, &failed, &dead);
         if broker_failure {
             shared.breaker.on_failure();
         } else if !acked.is_empty() {
@@ -200,6 +201,35 @@ fn record_delivery(rows: &[ClaimedRow], acked: &[Acked]) {
     }
 }
 
+/// Counts (and logs) rows acknowledged in a batch after an earlier row of the same key and topic
+/// failed in it: the later one arrived first. The cautious lane makes this rare; it cannot be
+/// undone once it happened, so it is made visible.
+fn note_order_hazards(
+    shared: &Shared,
+    lane: i16,
+    rows: &[ClaimedRow],
+    acked: &[Acked],
+    failed: &[FailedAttempt],
+    dead: &[DeadLetter],
+) {
+    if failed.is_empty() && dead.is_empty() {
+        return;
+    }
+    let failed_seqs: HashSet<i64> = failed.iter().map(|f| f.seq).chain(dead.iter().map(|d| d.seq)).collect();
+    let acked_seqs: HashSet<i64> = acked.iter().map(|a| a.seq).collect();
+    let mut failed_keys: HashSet<(&str, &str)> = HashSet::new();
+    for r in rows {
+        let Some(key) = r.key.as_deref() else { continue };
+        if failed_seqs.contains(&r.seq) {
+            failed_keys.insert((key, r.topic.as_str()));
+        } else if acked_seqs.contains(&r.seq) && failed_keys.contains(&(key, r.topic.as_str())) {
+            shared.stats.order_hazards.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(lane, message_id = %r.id, topic = %r.topic,
+                "order hazard: acknowledged while an earlier message of its key failed in the same batch");
+        }
+    }
+}
+
 enum Decision {
     Retry(Duration),
     DeadLetter(&'static str),
@@ -228,30 +258,33 @@ fn decide(shared: &Shared, row: &ClaimedRow, c: &Classified, breaker_was_closed:
 }
 
 /// Produces every row, pipelined, and waits for each acknowledgement; outcomes in row order.
+/// The whole batch has one deadline (`message.timeout.ms` plus a margin for a wedged client), so a
+/// lane never waits longer than that, however many rows it holds.
 async fn deliver(shared: &Shared, rows: &[ClaimedRow]) -> Vec<Outcome> {
+    let deadline = tokio::time::Instant::now() + shared.config.producer.message_timeout + Duration::from_secs(10);
     let mut pending = Vec::with_capacity(rows.len());
     // Keys with a row refused in this batch: their later rows are held, to keep key order.
     let mut refused_keys: HashSet<&str> = HashSet::new();
+    let mut queue_stuck = false;
     for row in rows {
-        if row.key.as_deref().is_some_and(|k| refused_keys.contains(k)) {
+        if queue_stuck || row.key.as_deref().is_some_and(|k| refused_keys.contains(k)) {
             pending.push(Sent::Held);
             continue;
         }
-        let sent = send_one(shared, row).await;
-        if matches!(sent, Sent::Refused(..)) {
+        let sent = send_one(shared, row, deadline).await;
+        if let Sent::Refused(_, c) = &sent {
             if let Some(k) = row.key.as_deref() {
                 refused_keys.insert(k);
             }
+            // The producer queue stayed full until the deadline: hold the rest of the batch.
+            queue_stuck |= c.class == "kafka.throttled";
         }
         pending.push(sent);
     }
-    // librdkafka reports every message within message.timeout.ms; the margin covers a wedged
-    // client, so a lane never waits forever.
-    let ack_deadline = shared.config.producer.message_timeout + Duration::from_secs(10);
     let mut outcomes = Vec::with_capacity(rows.len());
     for (row, p) in rows.iter().zip(pending) {
         let outcome = match p {
-            Sent::Queued(topic, fut) => match tokio::time::timeout(ack_deadline, fut).await {
+            Sent::Queued(topic, fut) => match tokio::time::timeout_at(deadline, fut).await {
                 Ok(Ok(Ok(d))) => {
                     Outcome::Acked(Acked { seq: row.seq, kafka_topic: topic, partition: d.partition, offset: d.offset })
                 }
@@ -261,7 +294,7 @@ async fn deliver(shared: &Shared, rows: &[ClaimedRow]) -> Vec<Outcome> {
                     classified: classify::kafka_code(RDKafkaErrorCode::Fail),
                 },
                 Err(_) => Outcome::Failed {
-                    error: format!("no acknowledgement within {ack_deadline:?}"),
+                    error: "no acknowledgement before the batch deadline (message.timeout.ms + 10 s)".into(),
                     classified: classify::kafka_code(RDKafkaErrorCode::MessageTimedOut),
                 },
             },
@@ -292,7 +325,7 @@ fn malformed(why: String) -> Sent {
     )
 }
 
-async fn send_one(shared: &Shared, row: &ClaimedRow) -> Sent {
+async fn send_one(shared: &Shared, row: &ClaimedRow, deadline: tokio::time::Instant) -> Sent {
     if let Some(why) = &row.malformed {
         return malformed(why.clone());
     }
@@ -308,7 +341,6 @@ async fn send_one(shared: &Shared, row: &ClaimedRow) -> Sent {
     if let Some(p) = &row.payload {
         record = record.payload(p.as_slice());
     }
-    let deadline = tokio::time::Instant::now() + shared.config.producer.message_timeout;
     loop {
         match shared.producer.send_result(record) {
             Ok(fut) => return Sent::Queued(topic.clone(), fut),
@@ -316,7 +348,7 @@ async fn send_one(shared: &Shared, row: &ClaimedRow) -> Sent {
                 // librdkafka's queue is full: wait for acknowledgements to make room.
                 if tokio::time::Instant::now() >= deadline {
                     return Sent::Refused(
-                        "the producer queue stayed full for message.timeout.ms".into(),
+                        "the producer queue stayed full until the batch deadline".into(),
                         classify::kafka_code(RDKafkaErrorCode::QueueFull),
                     );
                 }

@@ -1,7 +1,11 @@
 WITH d AS (
     DELETE FROM __SCHEMA__.dead_letters WHERE id = ANY($1::uuid[]) RETURNING *
 ), unpark AS (
-    DELETE FROM __SCHEMA__.parked_keys WHERE dead_letter_id IN (SELECT id FROM d)
+    -- A key stays parked while another of its dead letters remains.
+    DELETE FROM __SCHEMA__.parked_keys p
+    WHERE p.key IN (SELECT key FROM d)
+      AND NOT EXISTS (SELECT 1 FROM __SCHEMA__.dead_letters o
+                      WHERE o.key = p.key AND o.id NOT IN (SELECT id FROM d))
 ), audit AS (
     INSERT INTO __SCHEMA__.audit_log (actor, action, source, target, why, details)
     SELECT $2, 'discard', 'relay', d.id::text, $3,

@@ -137,7 +137,16 @@ async fn insert_bad_rows(c: &tokio_postgres::Client, s: &TestSchema, topic: &str
     let insert = s.q(
         "INSERT INTO __SCHEMA__.messages (id, topic, key, payload, headers) VALUES ($1, $2, $3, $4, $5::text::jsonb)",
     );
-    c.execute(&insert, &[&Uuid::now_v7(), &topic, &"big", &big, &"{}"]).await.unwrap();
+    let big_id = Uuid::now_v7();
+    c.execute(&insert, &[&big_id, &topic, &"big", &big, &"{}"]).await.unwrap();
+    // A dead letter of the same id from long ago: dead-lettering it again must not wedge the lane.
+    c.execute(
+        &s.q("INSERT INTO __SCHEMA__.dead_letters (id, seq, lane, topic, key, headers, created_at, attempts, reason, error_class)
+              VALUES ($1, 0, 0, 'old', 'big', '{}', now() - interval '30 days', 9, 'retries_exhausted', 'kafka.timeout')"),
+        &[&big_id],
+    )
+    .await
+    .unwrap();
     c.execute(&insert, &[&Uuid::now_v7(), &"not a topic!", &"badtopic", &b"x".to_vec(), &"{}"]).await.unwrap();
     c.execute(&insert, &[&Uuid::now_v7(), &topic, &"badheaders", &b"x".to_vec(), &"{\"n\": 1}"]).await.unwrap();
 }

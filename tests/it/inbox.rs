@@ -69,6 +69,10 @@ async fn produce(topic: &str, records: &[(Option<Uuid>, String, String)]) {
         if let Some(t) = &id_text {
             headers = headers.insert(Header { key: "ce_id", value: Some(t.as_str()) });
         }
+        if payload == "poison" {
+            // Binary header bytes from another producer (jsonb cannot hold NUL).
+            headers = headers.insert(Header { key: "trace-bin", value: Some(&[0u8, 1, 2][..]) });
+        }
         let record = FutureRecord::to(topic).key(key.as_str()).payload(payload.as_str()).headers(headers);
         pending.push(producer.send_result(record).map_err(|(e, _)| e).unwrap());
     }
