@@ -76,6 +76,10 @@ impl Ctx {
 
     fn relay_config(&self, s: &SchemaName) -> RelayConfig {
         let mut c = RelayConfig::new(self.db.clone(), s.clone(), self.brokers.clone());
+        // BENCH_LINGER_MS tries another producer linger (tuning runs; the default is the relay's).
+        if let Ok(l) = std::env::var("BENCH_LINGER_MS") {
+            c.producer.properties.push(("linger.ms".into(), l));
+        }
         c.heartbeat_interval = Duration::from_millis(300);
         c.instance_timeout = Duration::from_secs(3);
         c
@@ -290,7 +294,7 @@ async fn latency_at(ctx: &Ctx, rate: f64, secs: f64) -> Res<(Histogram<u64>, His
         s.clone(),
         ctx.db.clone(),
     );
-    cc.batch_size = 50;
+    cc.batch_size = 200;
     let cstop = CancellationToken::new();
     let cstats = Arc::new(ConsumerStats::default());
     let consumer =
@@ -306,19 +310,25 @@ async fn latency_at(ctx: &Ctx, rate: f64, secs: f64) -> Res<(Histogram<u64>, His
         tasks.push(tokio::spawn(async move {
             let c = db.connect().await?;
             let stmt = c.prepare(&s.qualify("SELECT __SCHEMA__.enqueue($1, $2, convert_to($3, 'UTF8'))")).await?;
+            let mut lags = Vec::new();
             let mut i = w;
             while i < n {
                 let due = Duration::from_secs_f64(i as f64 / rate);
                 tokio::time::sleep_until((t0 + due).into()).await;
                 let payload = format!("{}:{}", epoch0 + due.as_micros() as i64, "x".repeat(180));
                 c.execute(&stmt, &[&topic, &format!("key-{}", i % 1000), &payload]).await?;
+                // How late this commit was against its schedule.
+                lags.push(Instant::now().saturating_duration_since(t0 + due).as_micros() as u64);
                 i += writers;
             }
-            Ok::<(), Box<dyn std::error::Error + Send + Sync>>(())
+            Ok::<Vec<u64>, Box<dyn std::error::Error + Send + Sync>>(lags)
         }));
     }
+    let mut lag = Histogram::<u64>::new(3)?;
     for t in tasks {
-        t.await??;
+        for l in t.await?? {
+            lag.record(l.max(1))?;
+        }
     }
     let deadline = Instant::now() + Duration::from_secs(120);
     while cstats.processed.load(Ordering::Relaxed) < n as u64 && Instant::now() < deadline {
@@ -347,12 +357,35 @@ async fn latency_at(ctx: &Ctx, rate: f64, secs: f64) -> Res<(Histogram<u64>, His
     {
         effect.record(r.get::<_, i64>(0).max(1) as u64)?;
     }
-    let mut lag = Histogram::<u64>::new(3)?;
-    for r in c.query(&s.qualify("SELECT (extract(epoch FROM created_at) * 1e6)::bigint - (split_part(convert_from(payload, 'UTF8'), ':', 1))::bigint FROM __SCHEMA__.messages"), &[]).await? {
-        lag.record(r.get::<_, i64>(0).max(1) as u64)?;
-    }
     let applied = effect.len() as usize;
     Ok((ack, effect, lag, applied))
+}
+
+/// How many single-message transactions per second 8 writers commit (closed loop, 3 s).
+async fn writer_capacity(ctx: &Ctx) -> Res<f64> {
+    let s = ctx.schema("writers", 16).await?;
+    let stop_at = Instant::now() + Duration::from_secs(3);
+    let mut tasks = Vec::new();
+    for w in 0..8 {
+        let (db, s) = (ctx.db.clone(), s.clone());
+        tasks.push(tokio::spawn(async move {
+            let c = db.connect().await?;
+            let stmt = c
+                .prepare(&s.qualify("SELECT __SCHEMA__.enqueue('t', $1, convert_to(repeat('x', 200), 'UTF8'))"))
+                .await?;
+            let mut n = 0u64;
+            while Instant::now() < stop_at {
+                c.execute(&stmt, &[&format!("key-{w}-{n}")]).await?;
+                n += 1;
+            }
+            Ok::<u64, Box<dyn std::error::Error + Send + Sync>>(n)
+        }));
+    }
+    let mut total = 0;
+    for t in tasks {
+        total += t.await??;
+    }
+    Ok(total as f64 / 3.0)
 }
 
 /// Consumer throughput over `m` records (`dup_share` of them repeated), in one of three modes.
@@ -451,6 +484,13 @@ async fn inbox_rate(ctx: &Ctx, mode: &str, m: usize, dup_share: f64) -> Res<f64>
 #[tokio::main(flavor = "multi_thread")]
 async fn main() -> Res<()> {
     let short = std::env::args().any(|a| a == "--short");
+    // --only N[,N]: run only these sections (tuning runs).
+    let only: Vec<u32> = std::env::args()
+        .skip_while(|a| a != "--only")
+        .nth(1)
+        .map(|v| v.split(',').filter_map(|x| x.parse().ok()).collect())
+        .unwrap_or_default();
+    let run = |n: u32| only.is_empty() || only.contains(&n);
     let db = DbConfig::parse(
         &std::env::var("DATABASE_URL").map_err(|_| "DATABASE_URL is not set: run `bash scripts/bench.sh`")?,
     )?
@@ -468,8 +508,11 @@ async fn main() -> Res<()> {
         if short { "short" } else { "full" }
     ));
 
-    // 1. Throughput.
+    // 1. Throughput (also gives the peak the latency rates are shares of).
     let n = ctx.size(30_000, 150_000);
+    if !(run(1) || run(2)) {
+        return Err("nothing to run".into());
+    }
     ctx.say(&format!("## 1. Throughput ({n} messages, 16 lanes, 4 partitions)\n"));
     ctx.say("| payload | claim+delete alone (msg/s) | produce alone (msg/s) | relay (msg/s) | relay / min(both) |");
     ctx.say("|---|---|---|---|---|");
@@ -489,98 +532,112 @@ async fn main() -> Res<()> {
     }
 
     // 2. Latency.
-    let secs = if short { 8.0 } else { 20.0 };
-    ctx.say(&format!("\n## 2. Latency at a fixed write rate ({secs:.0} s each, open loop, 200 B, 8 writers)\n"));
-    ctx.say("| rate | of peak | commit→ack recorded p50 / p99 / p99.9 / max (ms) | commit→effect p50 / p99 / p99.9 / max (ms) | writer lag p99 (ms) | effects |");
-    ctx.say("|---|---|---|---|---|---|");
-    for share in [0.25, 0.5, 0.75] {
-        let rate = (peak * share).min(6000.0);
-        let (ack, effect, lag, applied) = latency_at(&ctx, rate, secs).await?;
+    if run(2) {
+        let secs = if short { 8.0 } else { 20.0 };
+        let writers_max = writer_capacity(&ctx).await?;
+        let base = peak.min(writers_max);
         ctx.say(&format!(
-            "| {rate:.0}/s | {:.0}% | {} | {} | {:.2} | {applied} |",
-            rate / peak * 100.0,
-            pct(&ack),
-            pct(&effect),
-            if lag.is_empty() { 0.0 } else { lag.value_at_quantile(0.99) as f64 / 1000.0 }
-        ));
-    }
-
-    // 3. Backlog drain.
-    let drain_n = ctx.size(100_000, 500_000);
-    ctx.say(&format!("\n## 3. Backlog drain ({drain_n} rows of 200 B written while the relay was stopped)\n"));
-    let s = ctx.schema("drain", 16).await?;
-    let topic = ctx.topic("drain", 4).await?;
-    preload(&ctx, &s, &topic, drain_n, 200).await?;
-    let mut rc = ctx.relay_config(&s);
-    rc.archive = true;
-    let started = Instant::now();
-    let relay = start_relay(rc);
-    let (db, s2, t2) = (ctx.db.clone(), s.clone(), topic.clone());
-    let probe = tokio::spawn(async move {
-        let c = db.connect().await?;
-        let mut ids = Vec::new();
-        for _ in 0..10_000 {
-            let id: Uuid =
-                c.query_one(&s2.qualify("SELECT __SCHEMA__.enqueue($1, 'probe', '\\x01')"), &[&t2]).await?.get(0);
-            ids.push(id);
-            tokio::time::sleep(Duration::from_millis(50)).await;
-            if c.query_one(&s2.qualify("SELECT count(*) FROM __SCHEMA__.messages"), &[]).await?.get::<_, i64>(0) == 0 {
-                break;
-            }
+        "\n## 2. Latency at a fixed write rate ({secs:.0} s each, open loop, 200 B, 8 writers; relay peak {peak:.0}/s, \
+         8 writers commit at most {writers_max:.0}/s, so rates are shares of {base:.0}/s)\n"
+    ));
+        ctx.say("| rate | of peak | commit→ack recorded p50 / p99 / p99.9 / max (ms) | commit→effect p50 / p99 / p99.9 / max (ms) | writer lag p99 (ms) | effects |");
+        ctx.say("|---|---|---|---|---|---|");
+        for share in [0.25, 0.5, 0.75] {
+            let rate = base * share;
+            let (ack, effect, lag, applied) = latency_at(&ctx, rate, secs).await?;
+            ctx.say(&format!(
+                "| {rate:.0}/s | {:.0}% | {} | {} | {:.2} | {applied} |",
+                share * 100.0,
+                pct(&ack),
+                pct(&effect),
+                if lag.is_empty() { 0.0 } else { lag.value_at_quantile(0.99) as f64 / 1000.0 }
+            ));
         }
-        Ok::<Vec<Uuid>, Box<dyn std::error::Error + Send + Sync>>(ids)
-    });
-    while backlog(&ctx, &s).await? > 0 {
-        tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let drained = started.elapsed();
-    let ids = probe.await??;
-    relay.stop().await?;
-    let mut during = Histogram::<u64>::new(3)?;
-    for r in c.query(&s.qualify("SELECT (extract(epoch FROM delivered_at - created_at) * 1e6)::bigint FROM __SCHEMA__.delivered WHERE id = ANY($1)"), &[&ids]).await? {
+    // 3. Backlog drain.
+    if run(3) {
+        let drain_n = ctx.size(100_000, 500_000);
+        ctx.say(&format!("\n## 3. Backlog drain ({drain_n} rows of 200 B written while the relay was stopped)\n"));
+        let s = ctx.schema("drain", 16).await?;
+        let topic = ctx.topic("drain", 4).await?;
+        preload(&ctx, &s, &topic, drain_n, 200).await?;
+        let mut rc = ctx.relay_config(&s);
+        rc.archive = true;
+        let started = Instant::now();
+        let relay = start_relay(rc);
+        let (db, s2, t2) = (ctx.db.clone(), s.clone(), topic.clone());
+        let probe = tokio::spawn(async move {
+            let c = db.connect().await?;
+            let mut ids = Vec::new();
+            for _ in 0..10_000 {
+                let id: Uuid =
+                    c.query_one(&s2.qualify("SELECT __SCHEMA__.enqueue($1, 'probe', '\\x01')"), &[&t2]).await?.get(0);
+                ids.push(id);
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                if c.query_one(&s2.qualify("SELECT count(*) FROM __SCHEMA__.messages"), &[]).await?.get::<_, i64>(0)
+                    == 0
+                {
+                    break;
+                }
+            }
+            Ok::<Vec<Uuid>, Box<dyn std::error::Error + Send + Sync>>(ids)
+        });
+        while backlog(&ctx, &s).await? > 0 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let drained = started.elapsed();
+        let ids = probe.await??;
+        relay.stop().await?;
+        let mut during = Histogram::<u64>::new(3)?;
+        for r in c.query(&s.qualify("SELECT (extract(epoch FROM delivered_at - created_at) * 1e6)::bigint FROM __SCHEMA__.delivered WHERE id = ANY($1)"), &[&ids]).await? {
         during.record(r.get::<_, i64>(0).max(1) as u64)?;
     }
-    ctx.say("| rows | drain time (s) | rows/s | new rows during the drain: commit→ack p50 / p99 / p99.9 / max (ms) |");
-    ctx.say("|---|---|---|---|");
-    ctx.say(&format!(
-        "| {drain_n} | {:.2} | {:.0} | {} ({} rows) |",
-        drained.as_secs_f64(),
-        drain_n as f64 / drained.as_secs_f64(),
-        pct(&during),
-        during.len()
-    ));
-
-    // 4. Inbox cost.
-    let m = ctx.size(10_000, 40_000);
-    ctx.say(&format!("\n## 4. Inbox cost ({m} records, 4 partitions; msg/s from the first record)\n"));
-    ctx.say("| duplicates | no inbox (baseline) | per-message inbox | batch inbox (200) | per-message / baseline | batch / baseline |");
-    ctx.say("|---|---|---|---|---|---|");
-    for dup in [0.0, 0.5] {
-        let none = inbox_rate(&ctx, "none", m, dup).await?;
-        let single = inbox_rate(&ctx, "single", m, dup).await?;
-        let batch = inbox_rate(&ctx, "batch", m, dup).await?;
+        ctx.say(
+            "| rows | drain time (s) | rows/s | new rows during the drain: commit→ack p50 / p99 / p99.9 / max (ms) |",
+        );
+        ctx.say("|---|---|---|---|");
         ctx.say(&format!(
-            "| {:.0}% | {none:.0} | {single:.0} | {batch:.0} | {:.2} | {:.2} |",
-            dup * 100.0,
-            single / none,
-            batch / none
+            "| {drain_n} | {:.2} | {:.0} | {} ({} rows) |",
+            drained.as_secs_f64(),
+            drain_n as f64 / drained.as_secs_f64(),
+            pct(&during),
+            during.len()
         ));
     }
-
-    // 5. Scaling.
-    let k = ctx.size(30_000, 150_000);
-    ctx.say(&format!("\n## 5. Scaling ({k} rows of 200 B, 16 lanes, instances in one process on this machine)\n"));
-    ctx.say("| instances | msg/s | vs 1 |");
-    ctx.say("|---|---|---|");
-    let mut one = 0.0;
-    for instances in [1usize, 2, 4] {
-        let s = ctx.schema(&format!("scale{instances}"), 16).await?;
-        let topic = ctx.topic(&format!("scale{instances}"), 4).await?;
-        let r = relay_rate(&ctx, &s, &topic, k, 200, instances).await?;
-        if instances == 1 {
-            one = r;
+    // 4. Inbox cost.
+    if run(4) {
+        let m = ctx.size(10_000, 40_000);
+        ctx.say(&format!("\n## 4. Inbox cost ({m} records, 4 partitions; msg/s from the first record)\n"));
+        ctx.say("| duplicates | no inbox (baseline) | per-message inbox | batch inbox (200) | per-message / baseline | batch / baseline |");
+        ctx.say("|---|---|---|---|---|---|");
+        for dup in [0.0, 0.5] {
+            let none = inbox_rate(&ctx, "none", m, dup).await?;
+            let single = inbox_rate(&ctx, "single", m, dup).await?;
+            let batch = inbox_rate(&ctx, "batch", m, dup).await?;
+            ctx.say(&format!(
+                "| {:.0}% | {none:.0} | {single:.0} | {batch:.0} | {:.2} | {:.2} |",
+                dup * 100.0,
+                single / none,
+                batch / none
+            ));
         }
-        ctx.say(&format!("| {instances} | {r:.0} | {:.2} |", r / one));
+    }
+    // 5. Scaling.
+    if run(5) {
+        let k = ctx.size(30_000, 150_000);
+        ctx.say(&format!("\n## 5. Scaling ({k} rows of 200 B, 16 lanes, instances in one process on this machine)\n"));
+        ctx.say("| instances | msg/s | vs 1 |");
+        ctx.say("|---|---|---|");
+        let mut one = 0.0;
+        for instances in [1usize, 2, 4] {
+            let s = ctx.schema(&format!("scale{instances}"), 16).await?;
+            let topic = ctx.topic(&format!("scale{instances}"), 4).await?;
+            let r = relay_rate(&ctx, &s, &topic, k, 200, instances).await?;
+            if instances == 1 {
+                one = r;
+            }
+            ctx.say(&format!("| {instances} | {r:.0} | {:.2} |", r / one));
+        }
     }
 
     std::fs::create_dir_all("target/bench")?;
