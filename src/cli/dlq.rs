@@ -235,6 +235,18 @@ fn confirm(verb: &str, n: usize, change: &Change) -> Result<(), CliError> {
     }
 }
 
+/// `--dry-run`: lists what would change and returns `None`. Otherwise asks for confirmation (see
+/// `confirm`) and returns who acts, for the audit rows.
+fn preview_or_confirm(verb: &str, items: &[DeadLetterView], change: &Change) -> Result<Option<Audit>, CliError> {
+    if change.dry_run {
+        print_list(items, false)?;
+        println!("dry run: would {verb} {} dead letters; nothing changed", items.len());
+        return Ok(None);
+    }
+    confirm(verb, items.len(), change)?;
+    Ok(Some(actor(change)))
+}
+
 async fn matched(
     client: &tokio_postgres::Client,
     global: &Global,
@@ -287,13 +299,7 @@ pub(crate) async fn run(global: &Global, args: DlqArgs) -> Result<(), CliError> 
         }
         DlqCommand::Discard { filters, change } => {
             let items = matched(&client, global, &filters, &change).await?;
-            if change.dry_run {
-                print_list(&items, false)?;
-                println!("dry run: would discard {} dead letters; nothing changed", items.len());
-                return Ok(());
-            }
-            confirm("discard", items.len(), &change)?;
-            let audit = actor(&change);
+            let Some(audit) = preview_or_confirm("discard", &items, &change)? else { return Ok(()) };
             let mut done = 0u64;
             let started = Instant::now();
             for chunk in items.chunks(500) {
@@ -308,13 +314,7 @@ pub(crate) async fn run(global: &Global, args: DlqArgs) -> Result<(), CliError> 
         }
         DlqCommand::Replay { filters, change, rate, retry_topic, kafka_brokers, kafka_config_file } => {
             let items = matched(&client, global, &filters, &change).await?;
-            if change.dry_run {
-                print_list(&items, false)?;
-                println!("dry run: would replay {} dead letters; nothing changed", items.len());
-                return Ok(());
-            }
-            confirm("replay", items.len(), &change)?;
-            let audit = actor(&change);
+            let Some(audit) = preview_or_confirm("replay", &items, &change)? else { return Ok(()) };
             let per_chunk = rate.map_or(200, |r| r.clamp(1, 200) as usize);
             let started = Instant::now();
             let mut done = 0usize;
