@@ -201,10 +201,11 @@ async fn produce_rate(ctx: &Ctx, topic: &str, n: usize, size: usize) -> Res<f64>
         let mut r = row.clone();
         r.id = Uuid::now_v7();
         let key = format!("key-{}", i % 1000);
-        let mut record = FutureRecord::to(topic)
-            .key(key.as_bytes())
-            .payload(payload.as_slice())
-            .headers(envelope::headers(&r, "/bench"));
+        let mut record = FutureRecord::to(topic).key(key.as_bytes()).payload(payload.as_slice());
+        // BENCH_NO_HEADERS=1 measures what the envelope headers cost the broker path.
+        if std::env::var_os("BENCH_NO_HEADERS").is_none() {
+            record = record.headers(envelope::headers(&r, "/bench"));
+        }
         loop {
             match producer.send_result(record) {
                 Ok(f) => {

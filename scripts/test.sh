@@ -16,6 +16,8 @@ bash scripts/bootstrap.sh
 eval "$(bash scripts/services.sh start)"
 
 export RUST_BACKTRACE=1
+# A test runs the example consumer as a process (and kills it): build the examples first.
+cargo build --all-features --examples
 if command -v cargo-nextest >/dev/null 2>&1; then
   cargo nextest run --all-features --no-fail-fast --profile "${NEXTEST_PROFILE:-default}" "$@"
 else

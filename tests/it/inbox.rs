@@ -494,3 +494,96 @@ async fn inbox_purge_command_deletes_only_rows_past_the_retention() {
     assert!(!bad.status.success());
     assert!(String::from_utf8_lossy(&bad.stderr).contains("--older-than"));
 }
+
+/// Orders applied by the demo consumer so far, and their amount.
+async fn applied(c: &tokio_postgres::Client) -> (i64, i64) {
+    c.query_opt(
+        "SELECT coalesce(sum(orders), 0)::bigint, coalesce(sum(amount_cents), 0)::bigint FROM demo.customer_totals",
+        &[],
+    )
+    .await
+    .ok()
+    .flatten()
+    .map(|r| (r.get::<_, i64>(0), r.get::<_, i64>(1)))
+    .unwrap_or((0, 0))
+}
+
+/// The example consumer binary (built with the examples: `scripts/test.sh` builds them first).
+fn demo_consumer_bin() -> std::path::PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let dir = exe.parent().and_then(|d| d.parent()).unwrap();
+    let bin = dir.join("examples").join("demo_consumer");
+    assert!(
+        bin.exists(),
+        "{} is missing: build it with `cargo build --all-features --examples` (scripts/test.sh does)",
+        bin.display()
+    );
+    bin
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consumer_process_killed_with_sigkill_repeatedly_applies_each_effect_once() {
+    let s = TestSchema::new(2).await;
+    let topic = create_topic("inbox-kill9", 2).await;
+    let c = connect().await;
+    c.batch_execute("CREATE SCHEMA IF NOT EXISTS demo; DROP TABLE IF EXISTS demo.customer_totals;").await.unwrap();
+    // 3,000 orders of known amounts, as the relay would publish them.
+    let orders: Vec<(Option<Uuid>, String, String)> = (0..3000)
+        .map(|i| {
+            let customer = format!("customer-{}", i % 23);
+            let payload =
+                serde_json::json!({ "order_id": i, "customer": customer, "amount_cents": 100 + i }).to_string();
+            (Some(Uuid::now_v7()), customer, payload)
+        })
+        .collect();
+    produce(&topic, &orders).await;
+    let expected_amount: i64 = (0..3000).map(|i| 100 + i as i64).sum();
+    let group = crate::support::unique_name("kill9");
+    let spawn = || {
+        std::process::Command::new(demo_consumer_bin())
+            .env("DATABASE_URL", database_url())
+            .env("KAFKA_BROKERS", kafka_brokers())
+            .env("OUTBOX_SCHEMA", s.name.as_str())
+            .env("DEMO_TOPIC", &topic)
+            .env("DEMO_GROUP", &group)
+            .env("DEMO_BATCH", "1")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    let mut kills = 0;
+    let start = Instant::now();
+    while kills < 4 {
+        let mut child = spawn();
+        // Let it join the group and apply some, then kill it mid-stream.
+        let before = applied(&c).await.0;
+        while applied(&c).await.0 <= before + 50 {
+            assert!(start.elapsed() < Duration::from_secs(240), "the consumer made no progress");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(rand::rng().random_range(0..300))).await;
+        child.kill().unwrap(); // SIGKILL
+        child.wait().unwrap();
+        kills += 1;
+        if applied(&c).await.0 >= 3000 {
+            break;
+        }
+    }
+    let mut last = spawn();
+    while applied(&c).await.0 < 3000 {
+        assert!(start.elapsed() < Duration::from_secs(300), "not all orders applied: {:?}", applied(&c).await);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let _ = std::process::Command::new("kill").args(["-TERM", &last.id().to_string()]).status();
+    last.wait().unwrap();
+    let (orders_applied, amount) = applied(&c).await;
+    let recorded = count(&c, &s.q("SELECT count(*) FROM __SCHEMA__.inbox WHERE consumer = 'demo-totals'")).await;
+    println!("figures: consumer killed with SIGKILL {kills} times; effects applied {orders_applied} of 3000, amount {amount} of {expected_amount}, inbox rows {recorded}");
+    c.batch_execute("DROP TABLE IF EXISTS demo.customer_totals").await.unwrap();
+    assert!(kills >= 3);
+    assert_eq!(orders_applied, 3000, "each order applied exactly once");
+    assert_eq!(amount, expected_amount, "no effect applied twice, none lost");
+    assert_eq!(recorded, 3000);
+}
