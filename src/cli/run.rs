@@ -75,6 +75,9 @@ pub(crate) struct RunArgs {
     /// /readyz reports unready when the head of an owned lane is older than this.
     #[arg(long, env = "OUTBOX_STUCK_THRESHOLD", default_value = "5m", value_parser = humantime::parse_duration)]
     stuck_threshold: Duration,
+    /// How often the backlog gauges (/metrics) and the stuck-head check (/readyz) are refreshed.
+    #[arg(long, env = "OUTBOX_BACKLOG_INTERVAL", default_value = "5s", value_parser = humantime::parse_duration)]
+    backlog_interval: Duration,
     /// How long a graceful shutdown (SIGTERM/SIGINT) may take.
     #[arg(long, env = "OUTBOX_SHUTDOWN_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
     shutdown_timeout: Duration,
@@ -140,6 +143,7 @@ pub(crate) async fn run(global: &Global, args: RunArgs) -> Result<(), CliError> 
         ),
     };
     config.stuck_threshold = args.stuck_threshold;
+    config.backlog_interval = args.backlog_interval;
 
     let shutdown = CancellationToken::new();
     tokio::spawn(stop_on_signal(shutdown.clone()));

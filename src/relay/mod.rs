@@ -85,6 +85,8 @@ pub struct RelayConfig {
     pub metrics_addr: Option<std::net::SocketAddr>,
     /// `/readyz` fails when the head of an owned lane is older than this.
     pub stuck_threshold: Duration,
+    /// How often the backlog gauges are read (the count reads the whole outbox).
+    pub backlog_interval: Duration,
     /// This instance's id.
     pub instance_id: Uuid,
 }
@@ -121,6 +123,7 @@ impl RelayConfig {
             maintenance_interval: Duration::from_secs(60),
             metrics_addr: None,
             stuck_threshold: Duration::from_secs(300),
+            backlog_interval: Duration::from_secs(5),
             instance_id: Uuid::now_v7(),
         }
     }
@@ -285,6 +288,7 @@ pub async fn run_with_stats(
         owned: BTreeMap::new(),
         registered: false,
         next_maintenance: tokio::time::Instant::now() + config.maintenance_interval,
+        last_backlog: tokio::time::Instant::now() - Duration::from_secs(60),
     };
     let probe = tokio::spawn(probe_broker(shared.clone(), server_stop.clone()));
     let mut tick = tokio::time::interval(config.heartbeat_interval);
@@ -334,6 +338,7 @@ struct Coordinator {
     owned: BTreeMap<i16, OwnedLane>,
     registered: bool,
     next_maintenance: tokio::time::Instant,
+    last_backlog: tokio::time::Instant,
 }
 
 impl Coordinator {
@@ -381,8 +386,12 @@ impl Coordinator {
             }
         };
         self.shared.health.set_db_ok(true);
-        if let Err(e) = self.observe_backlog().await {
-            tracing::debug!(error = %e, "backlog query failed");
+        // The backlog count reads the whole outbox: every few seconds (--backlog-interval) is enough.
+        if self.last_backlog.elapsed() >= self.config().backlog_interval {
+            self.last_backlog = tokio::time::Instant::now();
+            if let Err(e) = self.observe_backlog().await {
+                tracing::debug!(error = %e, "backlog query failed");
+            }
         }
         // The first heartbeat only registers, so instances starting together see each other
         // before taking lanes.

@@ -279,6 +279,7 @@ async fn metrics_move_during_a_run_and_readyz_follows_the_broker() {
     relay
         .args(["run", "--schema", s.name.as_str(), "--metrics-addr", &format!("127.0.0.1:{port}")])
         .args(["--heartbeat-interval", "300ms", "--message-timeout", "2s", "--breaker-cooldown", "500ms"])
+        .args(["--backlog-interval", "300ms"])
         .env("DATABASE_URL", database_url())
         .env("KAFKA_BROKERS", mock.bootstrap_servers())
         .env("OUTBOX_LOG", "warn")
@@ -306,6 +307,9 @@ async fn metrics_move_during_a_run_and_readyz_follows_the_broker() {
     assert!(probe(false).status.success());
     assert!(probe(true).status.success());
     let c = connect().await;
+    // A slow broker (500 ms per request) while writing, so that a backlog builds and the gauge
+    // has something to show falling.
+    mock.broker_round_trip_time(1, Duration::from_millis(500)).unwrap();
     let writer = {
         let (s_name, topic) = (s.name.clone(), topic.clone());
         tokio::spawn(async move {
@@ -329,18 +333,28 @@ async fn metrics_move_during_a_run_and_readyz_follows_the_broker() {
             seen.push(metric(&body, "outbox_relay_delivered_total", &label));
             max_backlog = max_backlog.max(metric(&body, "outbox_relay_backlog_rows", ""));
         }
+        if writer.is_finished() {
+            mock.broker_round_trip_time(1, Duration::ZERO).unwrap();
+        }
         assert!(start.elapsed() < Duration::from_secs(90));
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
-    // The gauges are refreshed on the heartbeat: give it one.
-    tokio::time::sleep(Duration::from_millis(800)).await;
-    let (_, body) = http_get(port, "/metrics").await.unwrap();
+    // The backlog gauge is refreshed every --backlog-interval: wait for its next reading.
+    let settle = Instant::now();
+    let body = loop {
+        let (_, body) = http_get(port, "/metrics").await.unwrap();
+        if metric(&body, "outbox_relay_backlog_rows", "") == 0.0 || settle.elapsed() > Duration::from_secs(15) {
+            break body;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
     let delivered = metric(&body, "outbox_relay_delivered_total", &label);
     let backlog_end = metric(&body, "outbox_relay_backlog_rows", "");
     let moving = seen.windows(2).filter(|w| w[1] > w[0]).count();
     println!("figures: scrapes {}, delivered_total rose in {moving} of them, ended at {delivered}; backlog max {max_backlog}, end {backlog_end}", seen.len());
     assert_eq!(delivered, 5000.0);
     assert!(moving >= 2, "the counter moved during the run: {seen:?}");
+    assert!(max_backlog > 0.0, "the backlog gauge was seen above zero during the run");
     assert_eq!(backlog_end, 0.0, "the backlog gauge fell to zero");
     assert!(body.contains("outbox_relay_commit_to_ack_seconds_bucket"));
     assert!(body.contains("outbox_relay_lanes_owned 2"));
