@@ -76,6 +76,31 @@ async fn lane_holders(c: &tokio_postgres::Client, s: &TestSchema) -> HashMap<i32
     out
 }
 
+/// Waits (30 s at most from `since`) until all `lanes` are held, evenly, by exactly `instances`
+/// instances; returns lanes per instance.
+async fn wait_for_spread(
+    c: &tokio_postgres::Client,
+    s: &TestSchema,
+    lanes: u16,
+    instances: usize,
+    since: Instant,
+    failure: &str,
+) -> HashMap<String, usize> {
+    loop {
+        let holders = lane_holders(c, s).await;
+        let mut per: HashMap<String, usize> = HashMap::new();
+        for h in holders.values() {
+            *per.entry(instance_of(&h[0])).or_default() += 1;
+        }
+        let even = lanes as usize / instances;
+        if holders.len() == lanes as usize && per.len() == instances && per.values().all(|n| *n == even) {
+            return per;
+        }
+        assert!(since.elapsed() < Duration::from_secs(30), "{failure}: {per:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 fn instance_of(application_name: &str) -> String {
     application_name.split_whitespace().nth(1).unwrap_or("?").to_owned()
 }
@@ -164,18 +189,7 @@ async fn three_instances_share_lanes_and_take_over_a_killed_ones() {
     let c = connect().await;
     // Wait until the three share the lanes evenly (4 each).
     let start = Instant::now();
-    let spread = loop {
-        let holders = lane_holders(&c, &s).await;
-        let mut per: HashMap<String, usize> = HashMap::new();
-        for h in holders.values() {
-            *per.entry(instance_of(&h[0])).or_default() += 1;
-        }
-        if holders.len() == LANES as usize && per.len() == 3 && per.values().all(|n| *n == 4) {
-            break per;
-        }
-        assert!(start.elapsed() < Duration::from_secs(30), "lanes not spread over 3 instances: {per:?}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let spread = wait_for_spread(&c, &s, LANES, 3, start, "lanes not spread over 3 instances").await;
     println!("spread over 3 instances: {spread:?} after {:?}", start.elapsed());
 
     let topic_w = topic.clone();
@@ -186,18 +200,8 @@ async fn three_instances_share_lanes_and_take_over_a_killed_ones() {
     relays[1].kill9();
     let killed_at = Instant::now();
     // The survivors take the dead one's lanes: all lanes held, by two instances, 6 each.
-    let takeover = loop {
-        let holders = lane_holders(&c, &s).await;
-        let mut per: HashMap<String, usize> = HashMap::new();
-        for h in holders.values() {
-            *per.entry(instance_of(&h[0])).or_default() += 1;
-        }
-        if holders.len() == LANES as usize && per.len() == 2 && per.values().all(|n| *n == 6) {
-            break killed_at.elapsed();
-        }
-        assert!(killed_at.elapsed() < Duration::from_secs(30), "lanes of the killed instance not taken over: {per:?}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    wait_for_spread(&c, &s, LANES, 2, killed_at, "lanes of the killed instance not taken over").await;
+    let takeover = killed_at.elapsed();
     let committed = writers.await.unwrap();
     wait_until_empty(&s, Duration::from_secs(180)).await;
     sampling.store(false, Ordering::Relaxed);
