@@ -107,6 +107,7 @@ async fn retryable_produce_errors_are_retried_with_growing_jittered_delays_in_ke
     wait_until_empty(&s, Duration::from_secs(120)).await;
     let stats = relay.shutdown().await;
 
+    let dead = dead_letters(&connect().await, &s).await;
     let delays: Vec<(u32, Duration)> = stats.retry_delays.lock().unwrap().iter().copied().collect();
     let received = read_topic_from(&mock.bootstrap_servers(), &topic, committed.len(), Duration::from_secs(60));
     let f = figures(&committed, &received);
@@ -126,6 +127,7 @@ async fn retryable_produce_errors_are_retried_with_growing_jittered_delays_in_ke
         assert!(*d <= ceiling, "attempt {attempt}: delay {d:?} above its ceiling {ceiling:?}");
     }
     assert!(deepest >= 2, "some rows failed several times, so their delay ceilings grew");
+    assert!(dead.is_empty(), "retryable errors dead-letter nothing: {dead:?}");
     assert_eq!(f.lost, 0);
     assert_eq!(f.distinct, f.committed);
     assert_eq!(f.order_violations, 0, "per-key order held through the retries");
