@@ -404,3 +404,80 @@ async fn archive_and_idempotency_keys_are_pruned_by_age() {
     assert_eq!(archive_left, 25, "only rows past the retention are pruned");
     assert_eq!(keys_left, 30, "only keys past the idempotency window are pruned");
 }
+
+/// An idempotency key outlives its window while its message is still pending or dead-lettered:
+/// a writer retrying after the window then gets the same id back instead of an aborted business
+/// transaction (primary key) or a second message. Keys of delivered messages go with the window.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idempotency_keys_are_kept_while_their_message_is_pending_or_dead_lettered() {
+    let s = TestSchema::new(2).await;
+    let c = connect().await;
+    let enqueue = s.q("SELECT __SCHEMA__.enqueue('keys-topic', 'k', '\\x01', idempotency_key => $1)");
+    let mut ids = Vec::new();
+    for i in 0..30 {
+        let id: Uuid = c.query_one(&enqueue, &[&format!("req-{i}")]).await.unwrap().get(0);
+        ids.push(id);
+    }
+    let (pending, rest) = ids.split_at(10);
+    let (dead, delivered) = rest.split_at(10);
+    // Ten become dead letters, ten are gone as delivered rows are; all keys are past the window.
+    c.execute(
+        &s.q("WITH gone AS (DELETE FROM __SCHEMA__.messages WHERE id = ANY($1) RETURNING *)
+              INSERT INTO __SCHEMA__.dead_letters (id, seq, lane, topic, key, payload, headers, created_at,
+                                                   attempts, reason, error_class)
+              SELECT id, seq, lane, topic, key, payload, headers, created_at, 1, 'record_rejected', 'kafka.record_rejected'
+              FROM gone"),
+        &[&dead.to_vec()],
+    )
+    .await
+    .unwrap();
+    c.execute(&s.q("DELETE FROM __SCHEMA__.messages WHERE id = ANY($1)"), &[&delivered.to_vec()]).await.unwrap();
+    c.execute(&s.q("UPDATE __SCHEMA__.idempotency_keys SET created_at = now() - interval '8 days'"), &[])
+        .await
+        .unwrap();
+
+    // A relay that takes no lanes: only its maintenance runs, and the pending rows stay pending.
+    let mut cfg = config(&s.name);
+    cfg.max_lanes = Some(0);
+    cfg.maintenance_interval = Duration::from_millis(200);
+    let relay = InProcess::start(cfg);
+    let start = Instant::now();
+    while relay.stats.pruned.load(Ordering::Relaxed) < 10 && start.elapsed() < Duration::from_secs(30) {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // A few more maintenance passes, so that a wrong prune would have had its chance.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let stats = relay.shutdown().await;
+    let pruned = stats.pruned.load(Ordering::Relaxed);
+    let kept: Vec<Uuid> = c
+        .query(&s.q("SELECT id FROM __SCHEMA__.idempotency_keys"), &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+
+    // Writers retry every request after the window.
+    let mut same_id = 0;
+    let mut failed = Vec::new();
+    for (i, id) in ids.iter().enumerate() {
+        match c.query_one(&enqueue, &[&format!("req-{i}")]).await {
+            Ok(row) => same_id += usize::from(row.get::<_, Uuid>(0) == *id),
+            Err(e) => failed.push(format!("req-{i}: {e}")),
+        }
+    }
+    let pending_rows = count(&c, &s.q("SELECT count(*) FROM __SCHEMA__.messages")).await;
+    println!(
+        "figures: keys pruned {pruned}, kept {}, retried requests answered with their id {same_id}, failed {}, pending rows {pending_rows}",
+        kept.len(),
+        failed.len()
+    );
+    assert_eq!(pruned, 10, "only the keys of delivered messages are pruned");
+    assert!(pending.iter().chain(dead).all(|id| kept.contains(id)), "pending and dead-lettered keys are kept");
+    assert!(failed.is_empty(), "no retried request aborts: {failed:?}");
+    assert_eq!(same_id, 30, "every retry returns the id of its first write");
+    assert_eq!(
+        pending_rows, 20,
+        "10 still pending + 10 re-enqueued after their delivered message's window; none twice"
+    );
+}
