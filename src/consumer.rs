@@ -470,7 +470,7 @@ async fn partition_worker<H: Handler>(
         let last = match batch.last().expect("one at least") {
             ConsumedOrBad::Ok(m) | ConsumedOrBad::NoId(m, _) => (m.topic.clone(), m.partition, m.offset),
         };
-        if !process(&shared, &mut db, batch).await {
+        if process(&shared, &mut db, batch).await == Next::Stop {
             return;
         }
         depth.fetch_sub(taken, Ordering::Relaxed);
@@ -482,8 +482,22 @@ async fn partition_worker<H: Handler>(
     }
 }
 
-/// Processes a batch (in order); false when the runner must stop.
-async fn process<H: Handler>(shared: &Shared<H>, db: &mut Option<Client>, batch: Vec<ConsumedOrBad>) -> bool {
+/// What a partition worker does after a step. Every step that can fail says which, so that no
+/// caller can treat an unwritten dead letter as handled (the offset would move past a message that
+/// was neither applied nor recorded).
+#[must_use]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Next {
+    /// The message is done with (applied, a duplicate, or recorded as a dead letter): its offset
+    /// may be stored.
+    Continue,
+    /// The runner is stopping (shutdown, a crash injected, a dead letter that cannot be written,
+    /// poison under `PoisonPolicy::Stop`): the offset must not move.
+    Stop,
+}
+
+/// Processes a batch (in order).
+async fn process<H: Handler>(shared: &Shared<H>, db: &mut Option<Client>, batch: Vec<ConsumedOrBad>) -> Next {
     let mut good = Vec::with_capacity(batch.len());
     for m in batch {
         match m {
@@ -491,40 +505,40 @@ async fn process<H: Handler>(shared: &Shared<H>, db: &mut Option<Client>, batch:
             ConsumedOrBad::NoId(m, reason) => {
                 tracing::error!(topic = %m.topic, partition = m.partition, offset = m.offset, reason,
                     "message without a usable id: dead-lettered, never applied");
-                if !dead_letter(shared, db, &m, None, reason, "the message has no usable id header", 0).await {
-                    return false;
+                if dead_letter(shared, db, &m, None, reason, "the message has no usable id header", 0).await
+                    == Next::Stop
+                {
+                    return Next::Stop;
                 }
             }
         }
     }
     if good.len() > 1 {
         match apply_batch(shared, db, &good).await {
-            Ok(()) => return !fire_crash(shared, good.last().expect("non-empty")),
+            Ok(()) => return fire_crash(shared, good.last().expect("non-empty")),
             Err(e) => {
                 tracing::warn!(error = %e, messages = good.len(), "batch failed; processing its messages one by one");
             }
         }
     }
     for m in &good {
-        if !apply_one(shared, db, m).await {
-            return false;
-        }
-        if fire_crash(shared, m) {
-            return false;
+        if apply_one(shared, db, m).await == Next::Stop || fire_crash(shared, m) == Next::Stop {
+            return Next::Stop;
         }
     }
-    true
+    Next::Continue
 }
 
-fn fire_crash<H>(shared: &Shared<H>, m: &ConsumedMessage) -> bool {
+/// The test hook: stops the runner right after a commit, before the offset is stored.
+fn fire_crash<H>(shared: &Shared<H>, m: &ConsumedMessage) -> Next {
     if let Some(f) = &shared.config.crash_after_commit {
         if (f.0)(m) {
             *shared.failure.lock().expect("lock") = Some(ConsumerError::InjectedCrash);
             shared.abort.cancel();
-            return true;
+            return Next::Stop;
         }
     }
-    false
+    Next::Continue
 }
 
 async fn session<'a>(shared_db: &DbConfig, db: &'a mut Option<Client>) -> Result<&'a mut Client, String> {
@@ -570,12 +584,12 @@ async fn apply_batch<H: Handler>(
 }
 
 /// One message: dedup, handler, commit; handler errors retried in place, then poison.
-async fn apply_one<H: Handler>(shared: &Shared<H>, db: &mut Option<Client>, m: &ConsumedMessage) -> bool {
+async fn apply_one<H: Handler>(shared: &Shared<H>, db: &mut Option<Client>, m: &ConsumedMessage) -> Next {
     let mut attempt = 0u32;
     let mut db_failures = 0u32;
     loop {
         if shared.abort.is_cancelled() {
-            return false;
+            return Next::Stop;
         }
         let result = async {
             let client = session(&shared.config.db, db).await.map_err(Step::Db)?;
@@ -602,20 +616,21 @@ async fn apply_one<H: Handler>(shared: &Shared<H>, db: &mut Option<Client>, m: &
             Ok(InboxOutcome::Processed) => {
                 shared.stats.processed.fetch_add(1, Ordering::Relaxed);
                 crate::telemetry::inbox(shared.inbox.consumer(), 1, 0, 0);
-                return true;
+                return Next::Continue;
             }
             Ok(InboxOutcome::Duplicate) => {
                 shared.stats.duplicates.fetch_add(1, Ordering::Relaxed);
                 crate::telemetry::inbox(shared.inbox.consumer(), 0, 1, 0);
                 tracing::debug!(message_id = %m.id, topic = %m.topic, partition = m.partition, offset = m.offset, "duplicate skipped");
-                return true;
+                return Next::Continue;
             }
             Ok(InboxOutcome::Conflict { .. }) => {
                 shared.stats.conflicts.fetch_add(1, Ordering::Relaxed);
                 crate::telemetry::inbox(shared.inbox.consumer(), 0, 0, 1);
                 tracing::error!(message_id = %m.id, topic = %m.topic, partition = m.partition, offset = m.offset,
                     "CONFLICT: this id was processed before with a different payload; not applied, dead-lettered for an operator");
-                dead_letter(
+                // Handled only once its dead letter is written: otherwise the offset must not move.
+                return dead_letter(
                     shared,
                     db,
                     m,
@@ -625,7 +640,6 @@ async fn apply_one<H: Handler>(shared: &Shared<H>, db: &mut Option<Client>, m: &
                     1,
                 )
                 .await;
-                return true;
             }
             Err(Step::Handler(error)) => {
                 attempt += 1;
@@ -663,7 +677,7 @@ async fn poison<H: Handler>(
     m: &ConsumedMessage,
     error: &str,
     attempts: u32,
-) -> bool {
+) -> Next {
     match shared.config.poison_policy {
         PoisonPolicy::DeadLetter => {
             tracing::error!(message_id = %m.id, topic = %m.topic, partition = m.partition, offset = m.offset, attempts,
@@ -679,14 +693,14 @@ async fn poison<H: Handler>(
                 error: error.to_owned(),
             });
             shared.abort.cancel();
-            false
+            Next::Stop
         }
     }
 }
 
 /// Writes an inbox dead letter; retries with backoff while the failure is transient. Returns
-/// false (and the message is not acknowledged) when the runner is stopping or the failure is
-/// permanent, which stops the runner with an error saying so.
+/// [`Next::Stop`] (and the message is not acknowledged) when the runner is stopping or the failure
+/// is permanent, which stops the runner with an error saying so.
 async fn dead_letter<H: Handler>(
     shared: &Shared<H>,
     db: &mut Option<Client>,
@@ -695,7 +709,7 @@ async fn dead_letter<H: Handler>(
     reason: &str,
     error: &str,
     attempts: i32,
-) -> bool {
+) -> Next {
     // jsonb cannot hold NUL: header bytes are kept as text with NUL escaped.
     let headers = serde_json::Value::Object(
         m.headers
@@ -742,18 +756,18 @@ async fn dead_letter<H: Handler>(
             Ok(_) => {
                 shared.stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
                 crate::telemetry::inbox_dead_lettered(shared.inbox.consumer(), reason);
-                return true;
+                return Next::Continue;
             }
             Err((true, e)) => {
                 tracing::error!(topic = %m.topic, partition = m.partition, offset = m.offset, error = %e,
                     "an inbox dead letter cannot be written; stopping");
                 *shared.failure.lock().expect("lock") = Some(ConsumerError::DeadLetterWrite(e));
                 shared.abort.cancel();
-                return false;
+                return Next::Stop;
             }
             Err((false, e)) => {
                 if shared.abort.is_cancelled() {
-                    return false;
+                    return Next::Stop;
                 }
                 *db = None;
                 failures += 1;

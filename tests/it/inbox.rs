@@ -587,3 +587,69 @@ async fn consumer_process_killed_with_sigkill_repeatedly_applies_each_effect_onc
     assert_eq!(amount, expected_amount, "no effect applied twice, none lost");
     assert_eq!(recorded, 3000);
 }
+
+/// A conflicting redelivery is handled only once its dead letter is written. When that write is
+/// refused (as a missing grant would refuse it), the runner stops without moving the offset, so
+/// the next run sees the message again and dead-letters it: nothing is skipped unrecorded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_conflict_whose_dead_letter_cannot_be_written_is_not_acknowledged() {
+    let s = TestSchema::new(2).await;
+    let table = effects_table(&s).await;
+    let topic = create_topic("inbox-conflict-dl", 1).await;
+    let (first, other) = (Uuid::now_v7(), Uuid::now_v7());
+    produce(
+        &topic,
+        &[
+            (Some(first), "k".to_string(), "1".to_string()),
+            (Some(first), "k".into(), "999".into()), // same id, other payload
+            (Some(other), "k".into(), "2".into()),
+        ],
+    )
+    .await;
+    let c = connect().await;
+    // The dead-letter table refuses writes the way a missing INSERT grant does (SQLSTATE 42501).
+    c.batch_execute(&s.q("CREATE FUNCTION __SCHEMA__.refuse() RETURNS trigger LANGUAGE plpgsql AS
+           $$ BEGIN RAISE EXCEPTION 'permission denied for table inbox_dead_letters' USING ERRCODE = '42501'; END $$;
+         CREATE TRIGGER refuse BEFORE INSERT ON __SCHEMA__.inbox_dead_letters
+           FOR EACH ROW EXECUTE FUNCTION __SCHEMA__.refuse();"))
+        .await
+        .unwrap();
+    let group = unique_name("g");
+    let r = start(config(&s, &topic, &group, "audit"), &table);
+    let first_run =
+        tokio::time::timeout(Duration::from_secs(60), r.task).await.expect("the runner stops by itself").unwrap();
+    let err = first_run.expect_err("an unwritable dead letter stops the runner");
+    let dead_after_first = count(&c, &s.q("SELECT count(*) FROM __SCHEMA__.inbox_dead_letters")).await;
+
+    // The operator restores the grant; the same group carries on from its committed offset.
+    c.batch_execute(&s.q("DROP TRIGGER refuse ON __SCHEMA__.inbox_dead_letters")).await.unwrap();
+    let r = start(config(&s, &topic, &group, "audit"), &table);
+    let start_at = Instant::now();
+    while count(&c, &s.q("SELECT count(*) FROM __SCHEMA__.effects")).await < 2 {
+        assert!(start_at.elapsed() < Duration::from_secs(60), "the second run did not apply the last message");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let stats = r.stop().await;
+    let dead: Vec<(Option<Uuid>, String)> = c
+        .query(&s.q("SELECT message_id, reason FROM __SCHEMA__.inbox_dead_letters"), &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    let (applied, distinct) = effect_figures(&s, "audit").await;
+    println!(
+        "figures: first run stopped with {err}; dead letters after it {dead_after_first}; after the second run {dead:?}, \
+         effects {applied} ({distinct} distinct), conflicts seen by the second run {}",
+        stats.conflicts.load(Ordering::Relaxed)
+    );
+    assert!(matches!(err, consumer::ConsumerError::DeadLetterWrite(_)), "{err}");
+    assert_eq!(dead_after_first, 0);
+    assert_eq!(
+        dead,
+        vec![(Some(first), "conflicting_payload".to_owned())],
+        "the conflict was redelivered and recorded"
+    );
+    assert_eq!(stats.conflicts.load(Ordering::Relaxed), 1);
+    assert_eq!((applied, distinct), (2, 2), "the first and the last message, each once");
+}
