@@ -18,6 +18,10 @@ fn main() -> ExitCode {
     };
     match runtime.block_on(cli::dispatch(args)) {
         Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.is::<cli::NotFound>() => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(cli::NotFound::EXIT_CODE)
+        }
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE

@@ -10,7 +10,7 @@ use clap::{Args, Subcommand};
 use outbox_relay::ops::{self, Audit, DeadLetterView, Filter, OpsError, Source};
 use uuid::Uuid;
 
-use super::{CliError, Global};
+use super::{CliError, Global, NotFound};
 
 #[derive(Debug, Args)]
 pub(crate) struct DlqArgs {
@@ -41,6 +41,9 @@ struct Filters {
     /// Only this id (repeatable): a message id, or with --inbox a dead-letter number.
     #[arg(long = "id")]
     ids: Vec<String>,
+    /// Ids given as arguments: the same as `--id` for each (`dlq replay ID...`).
+    #[arg(value_name = "ID")]
+    positional_ids: Vec<String>,
     /// Only this consumer (with --inbox).
     #[arg(long)]
     consumer: Option<String>,
@@ -58,6 +61,11 @@ impl Filters {
         }
     }
 
+    /// Every id asked for, as `--id` or as an argument.
+    fn all_ids(&self) -> Vec<String> {
+        self.ids.iter().chain(&self.positional_ids).cloned().collect()
+    }
+
     fn filter(&self) -> Filter {
         Filter {
             topic: self.topic.clone(),
@@ -65,7 +73,7 @@ impl Filters {
             reason: self.reason.clone(),
             since: self.since,
             until: self.until,
-            ids: self.ids.clone(),
+            ids: self.all_ids(),
             consumer: self.consumer.clone(),
         }
     }
@@ -76,7 +84,7 @@ impl Filters {
             || self.reason.is_some()
             || self.since.is_some()
             || self.until.is_some()
-            || !self.ids.is_empty()
+            || !self.all_ids().is_empty()
             || self.consumer.is_some()
     }
 }
@@ -113,7 +121,11 @@ enum DlqCommand {
     /// Show one dead letter in full, payload included.
     Show {
         /// The id (a message id, or with --inbox a dead-letter number).
-        id: String,
+        #[arg(required_unless_present = "id_flag", conflicts_with = "id_flag")]
+        id: Option<String>,
+        /// The same id as a flag, as the other dlq commands take it.
+        #[arg(long = "id", value_name = "ID")]
+        id_flag: Option<String>,
         /// An inbox dead letter.
         #[arg(long)]
         inbox: bool,
@@ -257,9 +269,9 @@ async fn matched(
         return Err("give a filter (--id, --topic, --key, --reason, --since, --until, --consumer) or --all".into());
     }
     let items = ops::list(client, global.schema(), filters.source(), &filters.filter(), filters.limit, false).await?;
-    for id in &filters.ids {
+    for id in &filters.all_ids() {
         if !items.iter().any(|i| &i.id == id) {
-            return Err(OpsError::UnknownId { kind: filters.source(), id: id.clone() }.into());
+            return Err(NotFound(OpsError::UnknownId { kind: filters.source(), id: id.clone() }.to_string()).into());
         }
     }
     Ok(items)
@@ -274,12 +286,13 @@ pub(crate) async fn run(global: &Global, args: DlqArgs) -> Result<(), CliError> 
                 ops::list(&client, global.schema(), filters.source(), &filters.filter(), filters.limit, false).await?;
             print_list(&items, json)
         }
-        DlqCommand::Show { id, inbox, json } => {
+        DlqCommand::Show { id, id_flag, inbox, json } => {
+            let id = id.or(id_flag).expect("clap requires one");
             let source = if inbox { Source::Inbox } else { Source::Relay };
             let filter = Filter { ids: vec![id.clone()], ..Default::default() };
             let items = ops::list(&client, global.schema(), source, &filter, 1, true).await?;
             let Some(item) = items.first() else {
-                return Err(OpsError::UnknownId { kind: source, id }.into());
+                return Err(NotFound(OpsError::UnknownId { kind: source, id }.to_string()).into());
             };
             if json {
                 println!("{}", serde_json::to_string_pretty(item)?);
@@ -408,9 +421,18 @@ async fn republish(
     if let Some(p) = &r.payload {
         record = record.payload(p.as_slice());
     }
-    producer
-        .send(record, Duration::from_secs(30))
-        .await
-        .map_err(|(e, _)| format!("re-publishing inbox dead letter {} to {topic} failed: {e}", r.dead_letter_id))?;
-    Ok(())
+    // librdkafka never gives up on a record by itself (the relay's producer settings): bound it here.
+    let within = Duration::from_secs(30);
+    match tokio::time::timeout(within, producer.send(record, within)).await {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err((e, _))) => {
+            Err(format!("re-publishing inbox dead letter {} to {topic} failed: {e}", r.dead_letter_id).into())
+        }
+        Err(_) => Err(format!(
+            "re-publishing inbox dead letter {} to {topic}: no acknowledgement within {within:?}; it stays a dead \
+             letter (check KAFKA_BROKERS and the broker, then run the replay again)",
+            r.dead_letter_id
+        )
+        .into()),
+    }
 }

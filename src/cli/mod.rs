@@ -64,6 +64,17 @@ enum Command {
 /// An error for the operator: what failed and what to do, already in the message.
 pub(crate) type CliError = Box<dyn std::error::Error + Send + Sync>;
 
+/// What was asked for does not exist (`trace` of an unknown id, `dlq show` of an unknown dead
+/// letter): exit code [`NotFound::EXIT_CODE`], so a script can tell it from a failure (exit 1).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub(crate) struct NotFound(pub(crate) String);
+
+impl NotFound {
+    /// The exit code for "not found".
+    pub(crate) const EXIT_CODE: u8 = 3;
+}
+
 impl Global {
     pub(crate) fn db_config(&self) -> Result<DbConfig, CliError> {
         let url = match (&self.database_url, &self.database_url_file) {

@@ -5,7 +5,7 @@ use outbox_relay::db::DbConfig;
 use outbox_relay::ops;
 use uuid::Uuid;
 
-use super::{CliError, Global};
+use super::{CliError, Global, NotFound};
 
 #[derive(Debug, Args)]
 pub(crate) struct TraceArgs {
@@ -33,40 +33,45 @@ pub(crate) async fn run(global: &Global, args: TraceArgs) -> Result<(), CliError
     };
     let inbox_ref = inbox.as_ref().unwrap_or(&client);
     let t = ops::trace(&client, Some(inbox_ref), global.schema(), args.id).await?;
+    let found = t.pending.is_some()
+        || !t.delivered.is_empty()
+        || t.dead_letter.is_some()
+        || !t.processed_by.is_empty()
+        || !t.inbox_dead_letters.is_empty()
+        || !t.audit.is_empty();
+    let not_found = || {
+        NotFound(format!(
+            "message {} was found nowhere: not pending, not dead-lettered, not processed by a consumer of this \
+             database, no operator action; delivered rows are only kept with `run --archive` (check the id, \
+             --schema and --inbox-database-url)",
+            args.id
+        ))
+    };
     if args.json {
         println!("{}", serde_json::to_string_pretty(&t)?);
-        return Ok(());
+        return if found { Ok(()) } else { Err(not_found().into()) };
     }
     println!("message {}", args.id);
-    let mut found = false;
     if let Some(p) = &t.pending {
-        found = true;
         println!("  pending in the outbox: {p}");
     }
     for d in &t.delivered {
-        found = true;
         println!("  delivered: {d}");
     }
     if let Some(d) = &t.dead_letter {
-        found = true;
         println!("  dead-lettered: {d}");
     }
     for p in &t.processed_by {
-        found = true;
         println!("  processed by consumer: {p}");
     }
     for d in &t.inbox_dead_letters {
-        found = true;
         println!("  dead-lettered by consumer: {d}");
     }
     for a in &t.audit {
         println!("  operator action: {a}");
     }
     if !found {
-        println!(
-            "  not pending, not dead-lettered, not processed by a consumer of this database; \
-             delivered rows are only kept with `run --archive`"
-        );
+        return Err(not_found().into());
     }
     Ok(())
 }

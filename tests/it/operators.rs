@@ -107,7 +107,8 @@ async fn dlq_commands_work_on_real_dead_letters_and_refuse_bad_arguments() {
 
     // replay one: back in the outbox with its id, attempts reset, audited; a relay with normal
     // limits delivers it.
-    let replayed = ok(&cli(&["dlq", "replay", "--schema", schema, "--id", &a, "--yes", "--why", "limit raised"]));
+    // The id as an argument, as `dlq show` takes it.
+    let replayed = ok(&cli(&["dlq", "replay", &a, "--schema", schema, "--yes", "--why", "limit raised"]));
     assert!(replayed.contains("replayed 1"), "{replayed}");
     let back =
         c.query_one(&s.q("SELECT attempts, key FROM __SCHEMA__.messages WHERE id = $1"), &[&dead[0].1]).await.unwrap();
@@ -121,7 +122,7 @@ async fn dlq_commands_work_on_real_dead_letters_and_refuse_bad_arguments() {
     assert!(received.iter().any(|r| r.id == dead[0].1), "the replayed message was delivered with its id");
 
     // discard one: gone, with an audit record.
-    let discarded = ok(&cli(&["dlq", "discard", "--schema", schema, "--id", &b, "--yes", "--why", "obsolete"]));
+    let discarded = ok(&cli(&["dlq", "discard", &b, "--schema", schema, "--yes", "--why", "obsolete"]));
     assert!(discarded.contains("discarded 1"), "{discarded}");
     assert_eq!(count(&c, &s.q("SELECT count(*) FROM __SCHEMA__.dead_letters")).await, 1);
     let audit = c
@@ -159,6 +160,21 @@ async fn dlq_commands_work_on_real_dead_letters_and_refuse_bad_arguments() {
     let t2 = ok(&cli(&["trace", &dead[2].1.to_string(), "--schema", schema]));
     assert!(t2.contains("dead-lettered") && t2.contains("message_too_large"), "{t2}");
     fails(&cli(&["trace", "12345", "--schema", schema]), "is not a message id");
+    // Not found is not success, and a script can tell it from a failure: exit 3.
+    let unknown = Uuid::now_v7().to_string();
+    for args in [
+        vec!["trace", unknown.as_str(), "--schema", schema],
+        vec!["trace", unknown.as_str(), "--schema", schema, "--json"],
+        vec!["dlq", "show", unknown.as_str(), "--schema", schema],
+        vec!["dlq", "show", "--id", unknown.as_str(), "--schema", schema],
+        vec!["dlq", "replay", unknown.as_str(), "--schema", schema, "--yes"],
+    ] {
+        let out = cli(&args);
+        fails(&out, &unknown);
+        assert_eq!(out.status.code(), Some(3), "{args:?} exits 3 for not found");
+    }
+    let out = cli(&["trace", &a, "--schema", "no_such_schema"]);
+    assert!(!out.status.success() && out.status.code() != Some(3), "a missing schema is a failure, not 'not found'");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
