@@ -34,6 +34,41 @@ fn pg(bin: &Path, tool: &str) -> Command {
     }
 }
 
+/// Where the PostgreSQL server binaries are: `OUTBOX_TEST_PG_CTL` when set (scripts/test.sh sets
+/// it), else `pg_ctl` on the PATH, else the newest `/usr/lib/postgresql/<version>/bin`. Tests that
+/// run against a server of the user's own (`DATABASE_URL`) still start this one of their own.
+fn pg_bin_dir() -> PathBuf {
+    if let Ok(pg_ctl) = std::env::var("OUTBOX_TEST_PG_CTL") {
+        return Path::new(&pg_ctl).parent().expect("OUTBOX_TEST_PG_CTL names a file").to_path_buf();
+    }
+    let on_path = std::env::var_os("PATH")
+        .into_iter()
+        .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+        .find(|dir| dir.join("pg_ctl").is_file());
+    if let Some(dir) = on_path {
+        // Debian's /usr/bin/pg_ctl is a wrapper; initdb lives beside the real one.
+        let real = std::fs::canonicalize(dir.join("pg_ctl")).unwrap_or_else(|_| dir.join("pg_ctl"));
+        let real_dir = real.parent().unwrap().to_path_buf();
+        if real_dir.join("initdb").is_file() {
+            return real_dir;
+        }
+    }
+    let mut versions: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| Some((e.file_name().to_str()?.parse().ok()?, e.path().join("bin"))))
+        .filter(|(_, bin): &(u32, PathBuf)| bin.join("pg_ctl").is_file() && bin.join("initdb").is_file())
+        .collect();
+    versions.sort();
+    versions.pop().map(|(_, bin)| bin).unwrap_or_else(|| {
+        panic!(
+            "this test starts a PostgreSQL server of its own and found no server binaries (initdb, pg_ctl): \
+             install them (apt-get install postgresql) or set OUTBOX_TEST_PG_CTL to the pg_ctl to use"
+        )
+    })
+}
+
 fn make_ca(dir: &Path, name: &str) -> (PathBuf, PathBuf) {
     let key = dir.join(format!("{name}.key"));
     let crt = dir.join(format!("{name}.pem"));
@@ -63,9 +98,7 @@ impl TlsPostgres {
     }
 
     pub fn start_with(tls: bool) -> Self {
-        let pg_ctl = std::env::var("OUTBOX_TEST_PG_CTL")
-            .expect("OUTBOX_TEST_PG_CTL is not set: run the tests with `bash scripts/test.sh`");
-        let bin = Path::new(&pg_ctl).parent().unwrap().to_path_buf();
+        let bin = pg_bin_dir();
         let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(unique_name("tls-pg"));
         std::fs::create_dir_all(&dir).unwrap();
         let (ca_key, ca) = make_ca(&dir, "test-ca");
