@@ -10,6 +10,9 @@ pub enum Disposition {
     Retry,
     /// Will fail the same way every time: stop trying, dead-letter or report.
     Permanent,
+    /// Nothing was wrong with the record: the relay's own producer was replaced under it (see
+    /// `relay::producer`). Send it again at once; no attempt is counted.
+    Resend,
 }
 
 /// An error, classified.
@@ -98,6 +101,14 @@ pub fn kafka_code(code: rdkafka::types::RDKafkaErrorCode) -> Classified {
         | C::KafkaStorageError
         | C::ReplicaNotAvailable => retry("kafka.leader", true),
         C::ThrottlingQuotaExceeded | C::QueueFull => retry("kafka.throttled", true),
+        // Purged by the relay when it retired a producer, or refused by a producer that failed for
+        // good and is being replaced.
+        C::PurgeQueue | C::PurgeInflight | C::Fatal | C::GaplessGuarantee => Classified {
+            disposition: Disposition::Resend,
+            class: "kafka.producer_replaced",
+            broker_health: false,
+            reason: reason::RETRIES_EXHAUSTED,
+        },
         _ => retry("kafka.other", false),
     }
 }

@@ -12,6 +12,8 @@
 //! | `outbox_relay_batch_size` | histogram | | rows per produced batch |
 //! | `outbox_relay_breaker_state` | gauge | | 0 closed, 1 half-open, 2 open |
 //! | `outbox_relay_lanes_owned` | gauge | | lanes this instance owns |
+//! | `outbox_relay_acks_without_offset_total` | counter | topic | acknowledgements that carry no offset |
+//! | `outbox_relay_producer_replaced_total` | counter | reason | producer generations retired |
 //! | `outbox_inbox_processed_total` | counter | consumer | effects applied |
 //! | `outbox_inbox_duplicates_total` | counter | consumer | redeliveries skipped |
 //! | `outbox_inbox_conflicts_total` | counter | consumer | same id, other payload |
@@ -40,6 +42,16 @@ pub fn describe() {
     describe_histogram!("outbox_relay_batch_size", Unit::Count, "Rows per produced batch");
     describe_gauge!("outbox_relay_breaker_state", "Circuit breaker: 0 closed, 1 half-open, 2 open");
     describe_gauge!("outbox_relay_lanes_owned", Unit::Count, "Lanes this instance owns");
+    describe_counter!(
+        "outbox_relay_acks_without_offset_total",
+        Unit::Count,
+        "Acknowledgements without an offset: implied by a later record's acknowledgement, or a duplicate the broker recognised"
+    );
+    describe_counter!(
+        "outbox_relay_producer_replaced_total",
+        Unit::Count,
+        "Kafka producers retired (batch deadline passed, or a permanent record failure), their records sent again"
+    );
     describe_counter!("outbox_inbox_processed_total", Unit::Count, "Messages whose effect was applied");
     describe_counter!("outbox_inbox_duplicates_total", Unit::Count, "Redeliveries skipped by the inbox");
     describe_counter!("outbox_inbox_conflicts_total", Unit::Count, "Messages with a known id and another payload");
@@ -92,6 +104,19 @@ pub fn breaker_state(gauge: f64) {
 /// Lanes owned.
 pub fn lanes_owned(n: usize) {
     metrics::gauge!("outbox_relay_lanes_owned").set(n as f64);
+}
+
+/// Acknowledgements of `topic` that carry no offset. On a real broker they are legitimate (a
+/// record acknowledged implicitly by a later one, or a retry the broker recognised as a
+/// duplicate); a test broker that does not check idempotent sequence numbers can produce them for
+/// records it never wrote. The archive then holds offset -1 or -1001 for the row.
+pub fn ack_without_offset(topic: &str) {
+    metrics::counter!("outbox_relay_acks_without_offset_total", "topic" => topic.to_owned()).increment(1);
+}
+
+/// A producer generation retired, and why (`batch_deadline`, `fatal_error`).
+pub fn producer_replaced(reason: &'static str) {
+    metrics::counter!("outbox_relay_producer_replaced_total", "reason" => reason).increment(1);
 }
 
 /// Inbox outcomes of `consumer`.

@@ -38,7 +38,8 @@ pub(crate) struct RunArgs {
     /// An instance silent for this long counts as dead and its lanes are shared out.
     #[arg(long, env = "OUTBOX_INSTANCE_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
     instance_timeout: Duration,
-    /// How long librdkafka may try to deliver one message (message.timeout.ms).
+    /// How long a batch may wait for its acknowledgements; then the producer is replaced and the
+    /// rows are sent again (a duplicate at worst, never a reorder).
     #[arg(long, env = "OUTBOX_MESSAGE_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
     message_timeout: Duration,
     /// The first retry delay ceiling (full jitter: random(0, min(cap, base * 2^attempt))).

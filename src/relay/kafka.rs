@@ -45,7 +45,9 @@ pub enum KafkaConfigError {
 pub struct ProducerSettings {
     /// `bootstrap.servers`.
     pub brokers: String,
-    /// How long librdkafka may try to deliver one message (`message.timeout.ms`).
+    /// How long the relay waits for a batch's acknowledgements before it replaces the producer
+    /// and sends the rows again (`--message-timeout`). librdkafka's own `message.timeout.ms` is
+    /// 0 (never give up): a record it timed out could be overtaken by a later one of its key.
     pub message_timeout: Duration,
     /// librdkafka properties given by the operator; they override the defaults.
     pub properties: Vec<(String, String)>,
@@ -68,7 +70,13 @@ impl ProducerSettings {
             .set("batch.num.messages", "10000")
             .set("queue.buffering.max.messages", "200000")
             .set("queue.buffering.max.kbytes", "262144")
-            .set("message.timeout.ms", self.message_timeout.as_millis().to_string())
+            // Never time a record out inside librdkafka: that bumps the producer epoch and lets a
+            // later record of the partition through while the earlier one failed. The relay bounds
+            // each batch itself and replaces the producer instead (relay::producer).
+            .set("message.timeout.ms", "0")
+            // A permanent failure of one record must not let the records behind it through either:
+            // the producer fails for good instead, and the relay replaces it.
+            .set("enable.gapless.guarantee", "true")
             .set("socket.timeout.ms", "10000")
             .set("socket.connection.setup.timeout.ms", "10000")
             .set("reconnect.backoff.ms", "100")
@@ -100,6 +108,13 @@ fn check_property(name: &str, value: &str) -> Result<(), KafkaConfigError> {
             refuse("a row is deleted once acknowledged, so the acknowledgement must mean all in-sync replicas")
         }
         "transactional.id" => refuse("the relay does not use Kafka transactions"),
+        "message.timeout.ms" | "delivery.timeout.ms" => refuse(
+            "the relay bounds delivery itself with --message-timeout and then replaces the producer, so that a \
+             timeout gives a duplicate, never a reorder; set --message-timeout instead",
+        ),
+        "enable.gapless.guarantee" if value != "true" => {
+            refuse("without it a record that failed for good lets later records of its key through")
+        }
         _ => Ok(()),
     }
 }
@@ -156,6 +171,10 @@ mod tests {
         assert!(s(&[("acks", "1")]).client_config().is_err());
         assert!(s(&[("enable.idempotence", "false")]).client_config().is_err());
         assert!(s(&[("acks", "all"), ("compression.type", "zstd")]).client_config().is_ok());
+        assert!(s(&[("message.timeout.ms", "5000")]).client_config().is_err());
+        assert!(s(&[("delivery.timeout.ms", "5000")]).client_config().is_err());
+        assert!(s(&[("enable.gapless.guarantee", "false")]).client_config().is_err());
+        assert!(s(&[("max.in.flight.requests.per.connection", "1")]).client_config().is_ok());
     }
 
     #[test]

@@ -12,6 +12,7 @@ pub mod breaker;
 pub mod claim;
 pub mod envelope;
 pub mod kafka;
+pub(crate) mod producer;
 pub(crate) mod worker;
 
 use std::collections::{BTreeMap, HashMap};
@@ -20,7 +21,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use rand::seq::SliceRandom;
-use rdkafka::producer::{FutureProducer, Producer};
+use rdkafka::producer::Producer;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_postgres::Client;
@@ -202,6 +203,10 @@ pub struct RelayStats {
     pub probes: AtomicU64,
     /// Rows acknowledged after an earlier row of their key failed in the same batch.
     pub order_hazards: AtomicU64,
+    /// Acknowledgements without an offset (see `telemetry::ack_without_offset`).
+    pub acks_without_offset: AtomicU64,
+    /// Producer generations retired (a batch deadline passed, or the producer failed for good).
+    pub producer_generations: AtomicU64,
     /// The latest retry delays chosen, as (attempt, delay), newest last; at most 1,000.
     pub retry_delays: std::sync::Mutex<std::collections::VecDeque<(u32, Duration)>>,
 }
@@ -221,7 +226,7 @@ pub(crate) struct Shared {
     pub(crate) health: Arc<crate::health::Health>,
     pub(crate) config: RelayConfig,
     pub(crate) breaker: breaker::Breaker,
-    pub(crate) producer: FutureProducer,
+    pub(crate) producer: producer::ProducerSlot,
     pub(crate) wake: watch::Receiver<u64>,
     pub(crate) source: String,
     pub(crate) stats: Arc<RelayStats>,
@@ -252,7 +257,7 @@ pub async fn run_with_stats(
         .await
         .map_err(RelayError::Startup)?
         .get(0);
-    let producer = config.producer.create()?;
+    let producer = producer::ProducerSlot::new(config.producer.clone(), stats.clone())?;
     let (wake_tx, wake_rx) = watch::channel(0u64);
     let listener_stop = CancellationToken::new();
     let listener =
@@ -322,9 +327,9 @@ pub async fn run_with_stats(
     let _ = listener.await;
     server_stop.cancel();
     let _ = probe.await;
-    let in_flight = shared.producer.in_flight_count();
-    if in_flight > 0 {
-        let _ = shared.producer.flush(Duration::from_secs(5));
+    let last = shared.producer.current();
+    if last.producer.in_flight_count() > 0 {
+        let _ = tokio::task::spawn_blocking(move || last.producer.flush(Duration::from_secs(5))).await;
     }
     tracing::info!(instance = %config.instance_id, delivered = stats.delivered.load(Ordering::Relaxed), "relay stopped");
     Ok(stats)
@@ -616,7 +621,7 @@ async fn probe_broker(shared: Arc<Shared>, stop: CancellationToken) {
     loop {
         let s = shared.clone();
         let ok = tokio::task::spawn_blocking(move || {
-            s.producer.client().fetch_metadata(None, Duration::from_secs(3)).is_ok()
+            s.producer.current().producer.client().fetch_metadata(None, Duration::from_secs(3)).is_ok()
         })
         .await
         .unwrap_or(false);

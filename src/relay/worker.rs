@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::FutureRecord;
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use tokio_util::sync::CancellationToken;
 
 use super::breaker::{BreakerState, Permit};
@@ -239,8 +239,11 @@ enum Decision {
 }
 
 fn decide(shared: &Shared, row: &ClaimedRow, c: &Classified, breaker_was_closed: bool) -> Decision {
-    if c.disposition == Disposition::Permanent {
-        return Decision::DeadLetter(c.reason);
+    match c.disposition {
+        Disposition::Permanent => return Decision::DeadLetter(c.reason),
+        // The record was dropped with a retired producer: nothing to count against the row.
+        Disposition::Resend => return Decision::Untouched,
+        Disposition::Retry => {}
     }
     if c.broker_health && !breaker_was_closed {
         return Decision::Untouched;
@@ -258,10 +261,14 @@ fn decide(shared: &Shared, row: &ClaimedRow, c: &Classified, breaker_was_closed:
 }
 
 /// Produces every row, pipelined, and waits for each acknowledgement; outcomes in row order.
-/// The whole batch has one deadline (`message.timeout.ms` plus a margin for a wedged client), so a
-/// lane never waits longer than that, however many rows it holds.
+/// The whole batch has one deadline (`--message-timeout`; librdkafka itself never gives up on a
+/// record), so a lane never waits longer than that, however many rows it holds. When the deadline
+/// passes, or the producer failed for good, the producer generation is retired (see
+/// [`super::producer`]): what it still held fails and is sent again, so that a record that timed
+/// out can never be overtaken by a later one of its key.
 async fn deliver(shared: &Shared, rows: &[ClaimedRow]) -> Vec<Outcome> {
-    let deadline = tokio::time::Instant::now() + shared.config.producer.message_timeout + Duration::from_secs(10);
+    let generation = shared.producer.current();
+    let deadline = tokio::time::Instant::now() + shared.config.producer.message_timeout;
     let mut pending = Vec::with_capacity(rows.len());
     // Keys with a row refused in this batch: their later rows are held, to keep key order.
     let mut refused_keys: HashSet<&str> = HashSet::new();
@@ -271,7 +278,7 @@ async fn deliver(shared: &Shared, rows: &[ClaimedRow]) -> Vec<Outcome> {
             pending.push(Sent::Held);
             continue;
         }
-        let sent = send_one(shared, row, deadline).await;
+        let sent = send_one(shared, &generation.producer, row, deadline).await;
         if let Sent::Refused(_, c) = &sent {
             if let Some(k) = row.key.as_deref() {
                 refused_keys.insert(k);
@@ -282,21 +289,42 @@ async fn deliver(shared: &Shared, rows: &[ClaimedRow]) -> Vec<Outcome> {
         pending.push(sent);
     }
     let mut outcomes = Vec::with_capacity(rows.len());
+    let mut deadline_passed = false;
     for (row, p) in rows.iter().zip(pending) {
         let outcome = match p {
-            Sent::Queued(topic, fut) => match tokio::time::timeout_at(deadline, fut).await {
-                Ok(Ok(Ok(d))) => {
+            // A record already acknowledged is taken even after the deadline (the inner future is
+            // polled first).
+            Sent::Queued(topic, fut) => match await_report(fut, deadline, &generation.producer).await {
+                Report::Fatal => Outcome::Failed {
+                    error:
+                        "the producer failed for good before acknowledging; the row is sent again by its replacement"
+                            .into(),
+                    classified: classify::kafka_code(RDKafkaErrorCode::Fatal),
+                },
+                Report::Done(Ok(Ok(d))) => {
+                    if d.offset < 0 {
+                        shared.stats.acks_without_offset.fetch_add(1, Ordering::Relaxed);
+                        crate::telemetry::ack_without_offset(&topic);
+                        tracing::debug!(message_id = %row.id, topic = %topic, partition = d.partition, offset = d.offset,
+                            "acknowledged without an offset");
+                    }
                     Outcome::Acked(Acked { seq: row.seq, kafka_topic: topic, partition: d.partition, offset: d.offset })
                 }
-                Ok(Ok(Err((e, _)))) => Outcome::Failed { error: describe(&e), classified: classify::kafka(&e) },
-                Ok(Err(_)) => Outcome::Failed {
+                Report::Done(Ok(Err((e, _)))) => {
+                    Outcome::Failed { error: describe(&e), classified: classify::kafka(&e) }
+                }
+                Report::Done(Err(_)) => Outcome::Failed {
                     error: "the producer was closed before acknowledging".into(),
                     classified: classify::kafka_code(RDKafkaErrorCode::Fail),
                 },
-                Err(_) => Outcome::Failed {
-                    error: "no acknowledgement before the batch deadline (message.timeout.ms + 10 s)".into(),
-                    classified: classify::kafka_code(RDKafkaErrorCode::MessageTimedOut),
-                },
+                Report::Deadline => {
+                    deadline_passed = true;
+                    Outcome::Failed {
+                        error: "no acknowledgement within --message-timeout; the producer is replaced and the row sent again"
+                            .into(),
+                        classified: classify::kafka_code(RDKafkaErrorCode::MessageTimedOut),
+                    }
+                }
             },
             Sent::Refused(error, classified) => Outcome::Failed { error, classified },
             Sent::Held => Outcome::Held,
@@ -304,7 +332,47 @@ async fn deliver(shared: &Shared, rows: &[ClaimedRow]) -> Vec<Outcome> {
         outcomes.push(outcome);
     }
     shared.stats.produce_attempts.fetch_add(rows.len() as u64, Ordering::Relaxed);
+    if deadline_passed {
+        shared.producer.retire(generation.number, "batch_deadline").await;
+    } else if let Some((code, why)) = generation.producer.client().fatal_error() {
+        tracing::warn!(error_code = ?code, error = %why, "the Kafka producer failed for good; replacing it");
+        shared.producer.retire(generation.number, "fatal_error").await;
+    }
     outcomes
+}
+
+/// How waiting for one delivery report ended.
+enum Report {
+    /// The report (or the producer closed it).
+    Done(Result<rdkafka::producer::future_producer::OwnedDeliveryResult, futures::channel::oneshot::Canceled>),
+    /// The batch deadline passed first.
+    Deadline,
+    /// The producer failed for good first: what it still holds would only fail when it is
+    /// replaced, so waiting for the deadline would only delay the rows behind.
+    Fatal,
+}
+
+/// Waits for one delivery report until the batch deadline, checking meanwhile (every 50 ms) that
+/// the producer has not failed for good. A report already there is taken even past the deadline.
+async fn await_report(
+    mut report: rdkafka::producer::DeliveryFuture,
+    deadline: tokio::time::Instant,
+    producer: &FutureProducer,
+) -> Report {
+    let mut check = tokio::time::interval(Duration::from_millis(50));
+    check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            biased;
+            r = &mut report => return Report::Done(r),
+            _ = tokio::time::sleep_until(deadline) => return Report::Deadline,
+            _ = check.tick() => {
+                if producer.client().fatal_error().is_some() {
+                    return Report::Fatal;
+                }
+            }
+        }
+    }
 }
 
 enum Sent {
@@ -325,7 +393,12 @@ fn malformed(why: String) -> Sent {
     )
 }
 
-async fn send_one(shared: &Shared, row: &ClaimedRow, deadline: tokio::time::Instant) -> Sent {
+async fn send_one(
+    shared: &Shared,
+    producer: &FutureProducer,
+    row: &ClaimedRow,
+    deadline: tokio::time::Instant,
+) -> Sent {
     if let Some(why) = &row.malformed {
         return malformed(why.clone());
     }
@@ -342,7 +415,7 @@ async fn send_one(shared: &Shared, row: &ClaimedRow, deadline: tokio::time::Inst
         record = record.payload(p.as_slice());
     }
     loop {
-        match shared.producer.send_result(record) {
+        match producer.send_result(record) {
             Ok(fut) => return Sent::Queued(topic.clone(), fut),
             Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
                 // librdkafka's queue is full: wait for acknowledgements to make room.
@@ -381,7 +454,7 @@ fn mirror_to_dlq(shared: &Arc<Shared>, dlq: &str, rows: &[ClaimedRow], dead: &[D
             }
         }
         let id = row.id;
-        match shared.producer.send_result(record) {
+        match shared.producer.current().producer.send_result(record) {
             Ok(fut) => {
                 tokio::spawn(async move {
                     if let Ok(Err((e, _))) = fut.await {

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use outbox_relay::db::DbConfig;
 use outbox_relay::outbox::{Outbox, OutboxMessage};
-use outbox_relay::relay::DeadLetterPolicy;
+use outbox_relay::relay::{DeadLetterPolicy, RelayConfig};
 use outbox_relay::retry::Backoff;
 use rdkafka::mocking::MockCluster;
 use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
@@ -28,6 +28,259 @@ fn mock_with_topic(partitions: i32) -> (MockCluster<'static, rdkafka::producer::
     (mock, topic)
 }
 
+/// A relay configuration against librdkafka's mock cluster. The mock appends a produce request
+/// without checking the idempotent producer's sequence numbers, so with several requests of a
+/// partition in flight, a failed request followed by a successful one makes librdkafka believe the
+/// failed one was written too (see `mock_cluster_acknowledges_a_row_it_never_wrote...`). A real
+/// broker refuses the second request instead. One request in flight keeps the mock honest; it is
+/// set for the mock only, never for the relay's own defaults.
+fn mock_config(s: &TestSchema, mock: &MockCluster<'static, rdkafka::producer::DefaultProducerContext>) -> RelayConfig {
+    let mut cfg = config(&s.name);
+    cfg.producer.brokers = mock.bootstrap_servers();
+    cfg.producer.properties.push(("max.in.flight.requests.per.connection".into(), "1".into()));
+    cfg
+}
+
+/// Keys of the test schema's lanes: `lanes[n]` is a key that lands in lane `n`.
+async fn key_per_lane(s: &TestSchema) -> Vec<String> {
+    let c = connect().await;
+    let mut keys: Vec<Option<String>> = vec![None; s.lanes as usize];
+    for i in 0..1000 {
+        let key = format!("lane-key-{i}");
+        let lane: i16 = c.query_one(&s.q("SELECT __SCHEMA__.lane_of($1)"), &[&key]).await.unwrap().get(0);
+        keys[lane as usize].get_or_insert(key);
+        if keys.iter().all(Option::is_some) {
+            break;
+        }
+    }
+    keys.into_iter().map(|k| k.expect("a key for every lane")).collect()
+}
+
+async fn enqueue_one(s: &TestSchema, topic: &str, key: &str) -> Uuid {
+    let mut c = connect().await;
+    let tx = c.transaction().await.unwrap();
+    let m = OutboxMessage::builder(topic).key(key).payload(b"x".to_vec()).build().unwrap();
+    let id = Outbox::new(s.name.clone()).enqueue(&tx, &m).await.unwrap();
+    tx.commit().await.unwrap();
+    id
+}
+
+/// The test broker's artifact, reproduced on purpose: with two produce requests of one partition
+/// in flight, the mock fails the first (a retryable error) and appends the second; librdkafka then
+/// takes the first as written (an implicit acknowledgement, delivery report Ok without an offset)
+/// and the relay deletes a row the mock never stored. A real broker would refuse the second request
+/// (OUT_OF_ORDER_SEQUENCE_NUMBER). The relay counts such acknowledgements, and the archive shows the
+/// row without an offset. With one request in flight, the same sequence loses nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mock_cluster_acknowledges_a_row_it_never_wrote_when_requests_overlap() {
+    let mut figures_by_mode = Vec::new();
+    for in_flight in [5, 1] {
+        let (mock, topic) = mock_with_topic(1);
+        let s = TestSchema::new(2).await;
+        let keys = key_per_lane(&s).await;
+        mock.broker_round_trip_time(1, Duration::from_millis(1000)).unwrap();
+        let mut cfg = config(&s.name);
+        cfg.producer.brokers = mock.bootstrap_servers();
+        cfg.producer.properties.push(("max.in.flight.requests.per.connection".into(), in_flight.to_string()));
+        cfg.producer.message_timeout = Duration::from_secs(20);
+        cfg.archive = true;
+        let relay = InProcess::start(cfg);
+        let start = Instant::now();
+        while relay.stats.lanes_acquired.load(Ordering::Relaxed) < 2 {
+            assert!(start.elapsed() < Duration::from_secs(30), "the relay took its lanes");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        // Warm the producer (metadata, producer id) so that the two rows below are sent at once.
+        enqueue_one(&s, &topic, &keys[0]).await;
+        wait_until_empty(&s, Duration::from_secs(30)).await;
+        // The next produce request fails with a retryable error; the second row goes out (from the
+        // other lane) while the first request is still waiting for its answer.
+        mock.request_errors(RDKafkaApiKey::Produce, &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_NOT_ENOUGH_REPLICAS]);
+        let first = enqueue_one(&s, &topic, &keys[0]).await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let second = enqueue_one(&s, &topic, &keys[1]).await;
+        wait_until_empty(&s, Duration::from_secs(60)).await;
+        let stats = relay.shutdown().await;
+        let received = read_topic_from(&mock.bootstrap_servers(), &topic, 3, Duration::from_secs(10));
+        let at_mock: std::collections::HashSet<Uuid> = received.iter().map(|r| r.id).collect();
+        let archived: i64 = connect()
+            .await
+            .query_one(&s.q("SELECT kafka_offset FROM __SCHEMA__.delivered WHERE id = $1"), &[&first])
+            .await
+            .unwrap()
+            .get(0);
+        let f = (
+            in_flight,
+            at_mock.contains(&first),
+            at_mock.contains(&second),
+            archived,
+            stats.acks_without_offset.load(Ordering::Relaxed),
+        );
+        println!(
+            "figures: max.in.flight {in_flight}: first row at the mock {}, second {}, first archived at offset {},              acknowledgements without offset {}",
+            f.1, f.2, f.3, f.4
+        );
+        figures_by_mode.push(f);
+    }
+    let (_, first_stored, second_stored, archived, no_offset) = figures_by_mode[0];
+    assert!(second_stored, "the second request was appended");
+    assert!(!first_stored, "the mock never stored the first row, yet librdkafka acknowledged it");
+    assert!(archived < 0, "the archive shows the acknowledgement without an offset: {archived}");
+    assert_eq!(no_offset, 1, "and the relay counted it");
+    let (_, first_stored, second_stored, archived, no_offset) = figures_by_mode[1];
+    assert!(first_stored && second_stored, "one request in flight: both rows stored");
+    assert!(archived >= 0);
+    assert_eq!(no_offset, 0);
+}
+
+/// A record the broker refuses for good (MESSAGE_TOO_LARGE, as a topic whose max.message.bytes is
+/// below the producer's limit answers) must not let the later rows of its key through: under
+/// park-key they wait with the parked key, and nothing of the key reaches Kafka. Without
+/// `enable.gapless.guarantee`, librdkafka bumps the producer epoch after the refusal and sends the
+/// rows behind it again, and they are stored.
+///
+/// The broker here is librdkafka's mock cluster answering what Apache Kafka answers: the refused
+/// request, then OUT_OF_ORDER_SEQUENCE_NUMBER for the request behind it (built before the refusal
+/// came back; its sequence number follows one that was never written). The mock does not check
+/// sequence numbers itself, so the second answer is injected; the test broker (tansu) does not
+/// enforce max.message.bytes at all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_the_broker_refuses_for_good_holds_back_the_later_rows_of_its_key() {
+    let (mock, topic) = mock_with_topic(1);
+    let s = TestSchema::new(1).await;
+    let mut cfg = mock_config(&s, &mock);
+    // One record per request, so that the refused record is alone in its request.
+    cfg.producer.properties.push(("batch.num.messages".into(), "1".into()));
+    cfg.dead_letter_policy = DeadLetterPolicy::ParkKey;
+    let c = connect().await;
+    let mut client = connect().await;
+    let tx = client.transaction().await.unwrap();
+    let outbox = Outbox::new(s.name.clone());
+    let batch: Vec<OutboxMessage> = [10usize, 10, 10]
+        .iter()
+        .map(|n| OutboxMessage::builder(topic.as_str()).key("refused").payload(vec![7u8; *n]).build().unwrap())
+        .collect();
+    let ids = outbox.enqueue_batch(&tx, &batch).await.unwrap();
+    tx.commit().await.unwrap();
+    mock.request_errors(
+        RDKafkaApiKey::Produce,
+        &[
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR_MSG_SIZE_TOO_LARGE,
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR_OUT_OF_ORDER_SEQUENCE_NUMBER,
+        ],
+    );
+    let relay = InProcess::start(cfg);
+    let start = Instant::now();
+    while count(&c, &s.q("SELECT count(*) FROM __SCHEMA__.dead_letters")).await < 1 {
+        if start.elapsed() > Duration::from_secs(30) {
+            let rows = c
+                .query(&s.q("SELECT key, attempts, last_error FROM __SCHEMA__.messages ORDER BY seq"), &[])
+                .await
+                .unwrap();
+            let rows: Vec<(Option<String>, i32, Option<String>)> =
+                rows.iter().map(|r| (r.get(0), r.get(1), r.get(2))).collect();
+            panic!("the refused record was not dead-lettered: {rows:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Other keys flow meanwhile (through a new producer).
+    let mut others = Vec::new();
+    for _ in 0..5 {
+        others.push((enqueue_one(&s, &topic, "other").await, "other".to_owned()));
+    }
+    let start = Instant::now();
+    while count(&c, &s.q("SELECT count(*) FROM __SCHEMA__.messages WHERE key = 'other'")).await > 0 {
+        assert!(start.elapsed() < Duration::from_secs(30), "other keys are delivered");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let stats = relay.shutdown().await;
+    let waiting: Vec<Uuid> = c
+        .query(&s.q("SELECT id FROM __SCHEMA__.messages WHERE key = 'refused' ORDER BY seq"), &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let dead = dead_letters(&c, &s).await;
+    let received = read_topic_from(&mock.bootstrap_servers(), &topic, others.len(), Duration::from_secs(20));
+    let of_refused_key = received.iter().filter(|r| r.key.as_deref() == Some("refused")).count();
+    let f = figures(&others, &received);
+    println!(
+        "figures: dead letters {dead:?}; rows of the key still waiting {}, records of the key at Kafka {of_refused_key}; \
+         other key: {} of {} delivered, order violations {}; producers replaced {}, order hazards {}",
+        waiting.len(),
+        f.distinct,
+        f.committed,
+        f.order_violations,
+        stats.producer_generations.load(Ordering::Relaxed),
+        stats.order_hazards.load(Ordering::Relaxed)
+    );
+    assert_eq!(dead.len(), 1);
+    assert_eq!((dead[0].0.as_deref(), dead[0].1.as_str()), (Some("refused"), "message_too_large"));
+    assert_eq!(waiting, ids[1..].to_vec(), "the later rows of the key wait, parked");
+    assert_eq!(of_refused_key, 0, "nothing of the refused key reached Kafka");
+    assert_eq!((f.distinct, f.lost, f.order_violations), (5, 0, 0), "other keys flow");
+    assert_eq!(stats.order_hazards.load(Ordering::Relaxed), 0);
+}
+
+/// Per-key order while the broker goes down and up again and again, with a batch deadline shorter
+/// than the outages: every deadline replaces the producer, and what it held is sent again; a
+/// timeout gives duplicates, never a reorder.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_key_order_holds_while_the_broker_flaps() {
+    let (mock, topic) = mock_with_topic(2);
+    let s = Arc::new(TestSchema::new(4).await);
+    let mut cfg = mock_config(&s, &mock);
+    cfg.producer.message_timeout = Duration::from_millis(700);
+    cfg.breaker.failure_threshold = 3;
+    cfg.breaker.cooldown = Duration::from_millis(300);
+    cfg.breaker.max_cooldown = Duration::from_secs(1);
+    cfg.retry = Backoff { base: Duration::from_millis(50), cap: Duration::from_millis(500) };
+    cfg.max_attempts = 1000;
+    let relay = InProcess::start(cfg);
+    let writer = {
+        let s = s.clone();
+        let topic = topic.clone();
+        tokio::spawn(async move { write_paced(&s, &topic, 3, 600, Duration::from_millis(200)).await })
+    };
+    // Six outages of 0.3 to 1.2 s, 0.5 s apart; count those that began while rows were written.
+    let mut flaps = 0;
+    for _ in 0..6 {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        flaps += usize::from(!writer.is_finished());
+        mock.broker_down(1).unwrap();
+        tokio::time::sleep(Duration::from_millis(rand::random_range(300..1200))).await;
+        mock.broker_up(1).unwrap();
+    }
+    let committed = writer.await.unwrap();
+    let recovery = wait_until_empty(&s, Duration::from_secs(120)).await;
+    let stats = relay.shutdown().await;
+    let received = read_topic_from(&mock.bootstrap_servers(), &topic, committed.len(), Duration::from_secs(60));
+    let f = figures(&committed, &received);
+    let dead = dead_letters(&connect().await, &s).await;
+    println!(
+        "figures: flaps {flaps}; committed {}, distinct {}, duplicates {}, lost {}, order violations {}; producers \
+         replaced {}, breaker opened {}, retries {}, order hazards {}, recovery {recovery:?}",
+        f.committed,
+        f.distinct,
+        f.duplicates,
+        f.lost,
+        f.order_violations,
+        stats.producer_generations.load(Ordering::Relaxed),
+        stats.breaker_opened.load(Ordering::Relaxed),
+        stats.retried.load(Ordering::Relaxed),
+        stats.order_hazards.load(Ordering::Relaxed)
+    );
+    assert!(flaps >= 3, "the broker flapped while rows were written");
+    assert!(stats.producer_generations.load(Ordering::Relaxed) >= 1, "deadlines passed and producers were replaced");
+    assert_eq!(f.lost, 0);
+    assert_eq!(f.distinct, f.committed);
+    assert_eq!(f.order_violations, 0, "per key, first arrivals follow sequence order");
+    assert_eq!(stats.order_hazards.load(Ordering::Relaxed), 0);
+    assert!(dead.is_empty(), "flapping dead-letters nothing: {dead:?}");
+}
+
 async fn dead_letters(c: &tokio_postgres::Client, s: &TestSchema) -> Vec<(Option<String>, String, i32, String)> {
     c.query(&s.q("SELECT key, reason, attempts, error_class FROM __SCHEMA__.dead_letters ORDER BY seq"), &[])
         .await
@@ -41,8 +294,7 @@ async fn dead_letters(c: &tokio_postgres::Client, s: &TestSchema) -> Vec<(Option
 async fn broker_outage_opens_then_closes_the_breaker_and_loses_nothing() {
     let (mock, topic) = mock_with_topic(4);
     let s = Arc::new(TestSchema::new(4).await);
-    let mut cfg = config(&s.name);
-    cfg.producer.brokers = mock.bootstrap_servers();
+    let mut cfg = mock_config(&s, &mock);
     cfg.producer.message_timeout = Duration::from_millis(1500);
     cfg.breaker.failure_threshold = 2;
     cfg.breaker.cooldown = Duration::from_millis(500);
@@ -92,8 +344,7 @@ async fn retryable_produce_errors_are_retried_with_growing_jittered_delays_in_ke
     let (mock, topic) = mock_with_topic(2);
     let s = TestSchema::new(2).await;
     let cap = Duration::from_millis(1500);
-    let mut cfg = config(&s.name);
-    cfg.producer.brokers = mock.bootstrap_servers();
+    let mut cfg = mock_config(&s, &mock);
     cfg.producer.message_timeout = Duration::from_millis(400);
     // Keep the breaker out of this test: it is about per-row retries.
     cfg.breaker.failure_threshold = 10_000;
@@ -194,8 +445,7 @@ async fn permanent_failures_are_dead_lettered_after_one_attempt_while_others_flo
 async fn unknown_topic_is_dead_lettered_after_one_attempt() {
     let (mock, topic) = mock_with_topic(1);
     let s = TestSchema::new(2).await;
-    let mut cfg = config(&s.name);
-    cfg.producer.brokers = mock.bootstrap_servers();
+    let mut cfg = mock_config(&s, &mock);
     cfg.producer.properties = vec![
         ("allow.auto.create.topics".into(), "false".into()),
         ("topic.metadata.propagation.max.ms".into(), "500".into()),

@@ -15,10 +15,18 @@ use super::{kafka_brokers, unique_name};
 
 /// Creates a topic with a unique name and `partitions` partitions.
 pub async fn create_topic(prefix: &str, partitions: i32) -> String {
+    create_topic_with(prefix, partitions, &[]).await
+}
+
+/// [`create_topic`] with topic configs (`max.message.bytes`, ...).
+pub async fn create_topic_with(prefix: &str, partitions: i32, configs: &[(&str, &str)]) -> String {
     let name = unique_name(prefix).replace('_', "-");
     let admin: AdminClient<DefaultClientContext> =
         ClientConfig::new().set("bootstrap.servers", kafka_brokers()).create().expect("admin client");
-    let topic = NewTopic::new(&name, partitions, TopicReplication::Fixed(1));
+    let mut topic = NewTopic::new(&name, partitions, TopicReplication::Fixed(1));
+    for (k, v) in configs {
+        topic = topic.set(k, v);
+    }
     let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
     let res = admin.create_topics([&topic], &opts).await.expect("create topic");
     for r in res {
