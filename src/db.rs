@@ -161,9 +161,9 @@ impl DbConfig {
         Ok((client, closed))
     }
 
-    /// Opens a session that LISTENs on `channel`; the receiver yields one `()` per notification
+    /// Opens a session that LISTENs on `channel`; the receiver yields each notification's payload
     /// and ends when the session is gone.
-    pub async fn listen(&self, channel: &str) -> Result<(Client, mpsc::UnboundedReceiver<()>), ConnectError> {
+    pub async fn listen(&self, channel: &str) -> Result<(Client, mpsc::UnboundedReceiver<String>), ConnectError> {
         let (client, _, notes) = self.open(true).await?;
         let quoted = channel.replace('"', "\"\"");
         client.batch_execute(&format!("LISTEN \"{quoted}\"")).await.map_err(ConnectError::Session)?;
@@ -173,7 +173,7 @@ impl DbConfig {
     async fn open(
         &self,
         notifications: bool,
-    ) -> Result<(Client, CancellationToken, Option<mpsc::UnboundedReceiver<()>>), ConnectError> {
+    ) -> Result<(Client, CancellationToken, Option<mpsc::UnboundedReceiver<String>>), ConnectError> {
         // The driver's connect_timeout covers the TCP connect only; a peer that accepts and then
         // says nothing (a blackholed path) must not hang the caller either.
         let limit = self.config.get_connect_timeout().copied().unwrap_or(DEFAULT_CONNECT_TIMEOUT) * 2;
@@ -186,7 +186,7 @@ impl DbConfig {
     async fn open_inner(
         &self,
         notifications: bool,
-    ) -> Result<(Client, CancellationToken, Option<mpsc::UnboundedReceiver<()>>), ConnectError> {
+    ) -> Result<(Client, CancellationToken, Option<mpsc::UnboundedReceiver<String>>), ConnectError> {
         let closed = CancellationToken::new();
         let (tx, rx) = if notifications {
             let (tx, rx) = mpsc::unbounded_channel();
@@ -221,7 +221,7 @@ impl DbConfig {
     async fn connect_tls(
         &self,
         closed: CancellationToken,
-        notes: Option<mpsc::UnboundedSender<()>>,
+        notes: Option<mpsc::UnboundedSender<String>>,
     ) -> Result<Client, ConnectError> {
         use openssl::ssl::{SslConnector, SslMethod, SslVerifyMode};
         let mut builder =
@@ -251,7 +251,7 @@ impl DbConfig {
     async fn connect_tls(
         &self,
         _closed: CancellationToken,
-        _notes: Option<mpsc::UnboundedSender<()>>,
+        _notes: Option<mpsc::UnboundedSender<String>>,
     ) -> Result<Client, ConnectError> {
         Err(ConnectError::Tls(
             "this build has no TLS support: enable the `relay` feature or use sslmode=disable".into(),
@@ -263,16 +263,16 @@ impl DbConfig {
 async fn drive<S, T>(
     mut conn: tokio_postgres::Connection<S, T>,
     closed: CancellationToken,
-    notes: Option<mpsc::UnboundedSender<()>>,
+    notes: Option<mpsc::UnboundedSender<String>>,
 ) where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
     T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
     loop {
         match std::future::poll_fn(|cx| conn.poll_message(cx)).await {
-            Some(Ok(tokio_postgres::AsyncMessage::Notification(_))) => {
+            Some(Ok(tokio_postgres::AsyncMessage::Notification(n))) => {
                 if let Some(tx) = &notes {
-                    let _ = tx.send(());
+                    let _ = tx.send(n.payload().to_owned());
                 }
             }
             Some(Ok(_)) => {}

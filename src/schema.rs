@@ -112,6 +112,7 @@ pub const MIGRATIONS: &[Migration] = &[
     },
     Migration { version: 4, name: "0004_failures.sql", sql: include_str!("../schema/0004_failures.sql") },
     Migration { version: 5, name: "0005_operations.sql", sql: include_str!("../schema/0005_operations.sql") },
+    Migration { version: 6, name: "0006_lane_wakeups.sql", sql: include_str!("../schema/0006_lane_wakeups.sql") },
 ];
 
 impl Migration {

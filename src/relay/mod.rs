@@ -227,7 +227,7 @@ pub(crate) struct Shared {
     pub(crate) config: RelayConfig,
     pub(crate) breaker: breaker::Breaker,
     pub(crate) producer: producer::ProducerSlot,
-    pub(crate) wake: watch::Receiver<u64>,
+    pub(crate) wakes: LaneWakes,
     pub(crate) source: String,
     pub(crate) stats: Arc<RelayStats>,
 }
@@ -258,10 +258,10 @@ pub async fn run_with_stats(
         .map_err(RelayError::Startup)?
         .get(0);
     let producer = producer::ProducerSlot::new(config.producer.clone(), stats.clone())?;
-    let (wake_tx, wake_rx) = watch::channel(0u64);
+    let wakes = LaneWakes::new(info.lanes);
     let listener_stop = CancellationToken::new();
     let listener =
-        tokio::spawn(listen(config.db.clone(), config.schema.notify_channel(), wake_tx, listener_stop.clone()));
+        tokio::spawn(listen(config.db.clone(), config.schema.notify_channel(), wakes.clone(), listener_stop.clone()));
     let source = config.source.clone().unwrap_or_else(|| format!("/outbox-relay/{}", config.schema));
     let health = Arc::new(crate::health::Health::new(config.stuck_threshold));
     let server_stop = CancellationToken::new();
@@ -278,7 +278,7 @@ pub async fn run_with_stats(
         config: config.clone(),
         breaker: breaker::Breaker::new(config.breaker, stats.clone()),
         producer,
-        wake: wake_rx,
+        wakes,
         source,
         stats: stats.clone(),
     });
@@ -642,8 +642,49 @@ fn reconnect_policy() -> backon::ExponentialBuilder {
         .with_jitter()
 }
 
-/// Turns NOTIFYs on the outbox's channel into wake-ups; reconnects with backoff.
-async fn listen(db: DbConfig, channel: String, wake: watch::Sender<u64>, stop: CancellationToken) {
+/// One wake-up channel per lane: the listener bumps the lanes a NOTIFY names, and a lane loop
+/// waits on its own. A lane marks its channel seen *before* it claims, so a NOTIFY that lands
+/// between an empty claim and the wait is not lost.
+#[derive(Clone)]
+pub(crate) struct LaneWakes {
+    lanes: Arc<Vec<watch::Sender<u64>>>,
+}
+
+impl LaneWakes {
+    fn new(lanes: u16) -> Self {
+        Self { lanes: Arc::new((0..lanes).map(|_| watch::channel(0u64).0).collect()) }
+    }
+
+    /// The receiver a lane loop waits on.
+    pub(crate) fn subscribe(&self, lane: i16) -> watch::Receiver<u64> {
+        self.lanes[lane as usize].subscribe()
+    }
+
+    fn wake_all(&self) {
+        for lane in self.lanes.iter() {
+            lane.send_modify(|v| *v += 1);
+        }
+    }
+
+    /// Wakes the lanes a NOTIFY payload lists (`3,7,12`); an empty or unreadable payload (an
+    /// older trigger, more lanes than fit) wakes every lane.
+    fn wake_payload(&self, payload: &str) {
+        let named: Option<Vec<usize>> =
+            payload.split(',').map(|l| l.trim().parse::<usize>().ok().filter(|l| *l < self.lanes.len())).collect();
+        match named {
+            Some(lanes) if !payload.is_empty() => {
+                for l in lanes {
+                    self.lanes[l].send_modify(|v| *v += 1);
+                }
+            }
+            _ => self.wake_all(),
+        }
+    }
+}
+
+/// Turns NOTIFYs on the outbox's channel into wake-ups of the lanes they name; reconnects with
+/// backoff.
+async fn listen(db: DbConfig, channel: String, wakes: LaneWakes, stop: CancellationToken) {
     use backon::Retryable;
     loop {
         let connect = (|| db.listen(&channel))
@@ -661,12 +702,12 @@ async fn listen(db: DbConfig, channel: String, wake: watch::Sender<u64>, stop: C
             },
         };
         // Rows may have come while no one listened.
-        wake.send_modify(|v| *v += 1);
+        wakes.wake_all();
         loop {
             tokio::select! {
                 _ = stop.cancelled() => return,
                 n = notes.recv() => match n {
-                    Some(()) => wake.send_modify(|v| *v += 1),
+                    Some(payload) => wakes.wake_payload(&payload),
                     None => break,
                 }
             }

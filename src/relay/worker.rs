@@ -44,7 +44,7 @@ pub(crate) async fn run_lane(
     session: LaneSession,
     stop: CancellationToken,
 ) -> LaneExit {
-    let mut wake = shared.wake.clone();
+    let mut wake = shared.wakes.subscribe(lane);
     let mut breaker_changes = shared.breaker.subscribe();
     let full_batch = shared.config.batch_size as i64;
     // After a batch with failures the lane sends one row at a time until one gets through, so a
@@ -89,16 +89,12 @@ pub(crate) async fn run_lane(
                 .first()
                 .map(|head| Duration::from_millis(head.wait_ms.max(1) as u64).min(shared.config.poll_interval))
                 .unwrap_or(shared.config.poll_interval);
-            tokio::select! {
-                _ = stop.cancelled() => return LaneExit::Released,
-                _ = session.closed().cancelled() => {
-                    return LaneExit::SessionLost("the lane's database session closed".into());
-                }
-                _ = wake.changed() => {}
-                _ = tokio::time::sleep(wait) => {}
+            if let Some(exit) = wait_for_work(&stop, &session, &mut wake, wait).await {
+                return exit;
             }
             continue;
         }
+        let claimed = rows.len();
         let rows = &rows[..ready];
         let breaker_was_closed = !probing && shared.breaker.state() == BreakerState::Closed;
         if probing {
@@ -172,6 +168,29 @@ pub(crate) async fn run_lane(
                 mirror_to_dlq(&shared, dlq, rows, &dead);
             }
         }
+        // Drained: the claim found fewer rows than it asked for and every one went out. A row
+        // committed since sends its NOTIFY after that claim began (the channel was marked seen
+        // before it), so wait for one rather than run a claim that finds nothing.
+        if claimed < limit as usize && acked.len() == claimed {
+            if let Some(exit) = wait_for_work(&stop, &session, &mut wake, shared.config.poll_interval).await {
+                return exit;
+            }
+        }
+    }
+}
+
+/// Waits for a NOTIFY naming the lane, or `poll` at most; `Some` when the lane must end instead.
+async fn wait_for_work(
+    stop: &CancellationToken,
+    session: &LaneSession,
+    wake: &mut tokio::sync::watch::Receiver<u64>,
+    poll: Duration,
+) -> Option<LaneExit> {
+    tokio::select! {
+        _ = stop.cancelled() => Some(LaneExit::Released),
+        _ = session.closed().cancelled() => Some(LaneExit::SessionLost("the lane's database session closed".into())),
+        _ = wake.changed() => None,
+        _ = tokio::time::sleep(poll) => None,
     }
 }
 
@@ -192,7 +211,8 @@ fn record_delivery(rows: &[ClaimedRow], acked: &[Acked]) {
         }
         if let Some(r) = rows_by_seq.peek() {
             if r.seq == a.seq {
-                crate::telemetry::commit_to_ack((now - r.created_at).to_std().unwrap_or_default());
+                let acked_at = now - chrono::Duration::from_std(a.acked_at.elapsed()).unwrap_or_default();
+                crate::telemetry::commit_to_ack((acked_at - r.created_at).to_std().unwrap_or_default());
             }
         }
     }
@@ -308,7 +328,13 @@ async fn deliver(shared: &Shared, rows: &[ClaimedRow]) -> Vec<Outcome> {
                         tracing::debug!(message_id = %row.id, topic = %topic, partition = d.partition, offset = d.offset,
                             "acknowledged without an offset");
                     }
-                    Outcome::Acked(Acked { seq: row.seq, kafka_topic: topic, partition: d.partition, offset: d.offset })
+                    Outcome::Acked(Acked {
+                        seq: row.seq,
+                        kafka_topic: topic,
+                        partition: d.partition,
+                        offset: d.offset,
+                        acked_at: std::time::Instant::now(),
+                    })
                 }
                 Report::Done(Ok(Err((e, _)))) => {
                     Outcome::Failed { error: describe(&e), classified: classify::kafka(&e) }

@@ -481,3 +481,43 @@ async fn idempotency_keys_are_kept_while_their_message_is_pending_or_dead_letter
         "10 still pending + 10 re-enqueued after their delivered message's window; none twice"
     );
 }
+
+/// At a gentle rate a row wakes only its own lane, and a lane that sent everything it found waits
+/// for the next NOTIFY instead of running a claim that finds nothing: about one claim per row,
+/// however many lanes there are. (Before: every NOTIFY woke all 16 lanes, about 17 claims a row.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_row_at_a_gentle_rate_costs_about_one_claim() {
+    let s = TestSchema::new(16).await;
+    let topic = create_topic("relay-claims", 4).await;
+    let mut cfg = config(&s.name);
+    cfg.poll_interval = Duration::from_secs(600); // only NOTIFY wakes a lane in this test
+    let relay = InProcess::start(cfg);
+    let start = Instant::now();
+    while relay.stats.lanes_acquired.load(Ordering::Relaxed) < 16 {
+        assert!(start.elapsed() < Duration::from_secs(30), "lanes not acquired");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let claims_before = relay.stats.claims.load(Ordering::Relaxed);
+    // 200 single-row transactions, 10 ms apart, keys spread over every lane.
+    let c = connect().await;
+    let mut committed = Vec::new();
+    for i in 0..200 {
+        let key = format!("k{}", i % 50);
+        let id: Uuid =
+            c.query_one(&s.q("SELECT __SCHEMA__.enqueue($1, $2, '\\x01')"), &[&topic, &key]).await.unwrap().get(0);
+        committed.push((id, key));
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    wait_until_empty(&s, Duration::from_secs(60)).await;
+    let stats = relay.shutdown().await;
+    let claims = stats.claims.load(Ordering::Relaxed) - claims_before;
+    let delivered = stats.delivered.load(Ordering::Relaxed);
+    let received = read_topic(&topic, committed.len(), Duration::from_secs(60));
+    let f = figures(&committed, &received);
+    let per_row = claims as f64 / delivered as f64;
+    println!("figures: 16 lanes, 200 rows 10 ms apart: claims {claims}, delivered {delivered}, claims per row {per_row:.2}; {f:?}");
+    assert_eq!(delivered, 200);
+    assert_eq!((f.distinct, f.lost, f.order_violations), (200, 0, 0));
+    assert!(per_row <= 1.5, "{claims} claims for {delivered} rows: idle lanes are being woken");
+}
