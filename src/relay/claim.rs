@@ -58,6 +58,8 @@ pub struct Acked {
     pub partition: i32,
     /// Offset.
     pub offset: i64,
+    /// When the relay received the broker's acknowledgement (the archive's `delivered_at`).
+    pub acked_at: std::time::Instant,
 }
 
 /// A failed attempt to record on the row.
@@ -143,6 +145,10 @@ impl LaneSession {
             if !got {
                 return Ok(None);
             }
+            // The lane's own bookkeeping (deletes, archive, attempts, dead letters) need not wait
+            // for the disk: if a crash loses one of these commits, its rows come back and are
+            // delivered again, which at-least-once allows and the inbox absorbs (ARCHITECTURE.md).
+            client.batch_execute("SET synchronous_commit = off").await?;
             let claim = client.prepare(&schema.qualify(include_str!("../sql/claim.sql"))).await?;
             let delete = client.prepare(&schema.qualify(include_str!("../sql/delete_acked.sql"))).await?;
             let archive = if archive {
@@ -212,9 +218,12 @@ impl LaneSession {
                 let topics: Vec<&str> = acked.iter().map(|a| a.kafka_topic.as_str()).collect();
                 let partitions: Vec<i32> = acked.iter().map(|a| a.partition).collect();
                 let offsets: Vec<i64> = acked.iter().map(|a| a.offset).collect();
+                // How long ago each acknowledgement came, so `delivered_at` is the broker's
+                // acknowledgement on the database's clock, not the time of this batched statement.
+                let ack_ages_ms: Vec<i64> = acked.iter().map(|a| a.acked_at.elapsed().as_millis() as i64).collect();
                 timed(
                     self.call_timeout,
-                    self.client.execute(stmt, &[&self.lane, &seqs, &topics, &partitions, &offsets]),
+                    self.client.execute(stmt, &[&self.lane, &seqs, &topics, &partitions, &offsets, &ack_ages_ms]),
                 )
                 .await
             }

@@ -700,3 +700,81 @@ async fn a_blackholed_database_connection_does_not_hang_the_relay() {
     assert!(stopped < Duration::from_secs(20), "shutdown hung: {stopped:?}");
     assert_eq!(f.lost, 0);
 }
+
+/// The lane's bookkeeping commits without waiting for the disk (`synchronous_commit = off`): a
+/// PostgreSQL crash right after a burst can lose the delete of rows the broker acknowledged. They
+/// come back and are delivered again (duplicates, which the inbox absorbs); nothing is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rows_whose_delete_a_database_crash_lost_are_delivered_again() {
+    let server = TlsPostgres::start_with(false);
+    let db = DbConfig::parse(&server.url("127.0.0.1", "sslmode=disable")).unwrap();
+    let schema = outbox_relay::schema::SchemaName::new("crash_outbox").unwrap();
+    let mut admin = db.connect().await.unwrap();
+    outbox_relay::schema::migrate(&mut admin, &schema, Some(4)).await.unwrap();
+    let topic = create_topic("pgcrash", 2).await;
+    // Widen the window in which an asynchronous commit is not yet on disk: the WAL writer waits
+    // 10 s, and the relay's synchronous heartbeats (which flush the WAL before them) come every 2 s.
+    admin.batch_execute("ALTER SYSTEM SET wal_writer_delay = '10s'").await.unwrap();
+    admin.batch_execute("SELECT pg_reload_conf()").await.unwrap();
+    let mut cfg = config(&schema);
+    cfg.db = db.clone();
+    cfg.heartbeat_interval = Duration::from_secs(2);
+    cfg.instance_timeout = Duration::from_secs(10);
+    let relay = InProcess::start(cfg);
+
+    // A burst, committed by the writer as usual (synchronously).
+    let outbox = Outbox::new(schema.clone());
+    let mut committed = Vec::new();
+    for chunk in 0..10 {
+        let batch: Vec<OutboxMessage> = (0..200)
+            .map(|i| {
+                OutboxMessage::builder(topic.as_str())
+                    .key(format!("k{}", i % 20))
+                    .json(&(chunk * 200 + i))
+                    .build()
+                    .unwrap()
+            })
+            .collect();
+        let tx = admin.transaction().await.unwrap();
+        let ids = outbox.enqueue_batch(&tx, &batch).await.unwrap();
+        tx.commit().await.unwrap();
+        committed.extend(ids.into_iter().zip(batch.iter().map(|m| m.key().unwrap().to_owned())));
+    }
+    // The moment the relay has deleted the last acknowledged row: crash the server.
+    let start = Instant::now();
+    loop {
+        let left: i64 =
+            admin.query_one(&schema.qualify("SELECT count(*) FROM __SCHEMA__.messages"), &[]).await.unwrap().get(0);
+        if left == 0 {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(60), "{left} rows left");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    server.crash_and_restart();
+    let admin = db.connect().await.unwrap();
+    let came_back: i64 =
+        admin.query_one(&schema.qualify("SELECT count(*) FROM __SCHEMA__.messages"), &[]).await.unwrap().get(0);
+    let start = Instant::now();
+    loop {
+        let left: i64 =
+            admin.query_one(&schema.qualify("SELECT count(*) FROM __SCHEMA__.messages"), &[]).await.unwrap().get(0);
+        if left == 0 {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(90), "{left} rows left after the crash");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let stats = relay.shutdown().await;
+    let received = read_topic(&topic, committed.len(), Duration::from_secs(60));
+    let f = figures(&committed, &received);
+    println!(
+        "figures: committed {}, rows back in the outbox after the crash {came_back}, distinct {}, duplicates {}, lost {}, \
+         order violations {}; lane sessions lost {}",
+        f.committed, f.distinct, f.duplicates, f.lost, f.order_violations, stats.sessions_lost.load(Ordering::Relaxed)
+    );
+    assert_eq!(f.lost, 0);
+    assert_eq!(f.distinct, f.committed);
+    assert_eq!(f.order_violations, 0);
+    assert!(f.duplicates as i64 >= came_back, "every row that came back was delivered again");
+}

@@ -97,6 +97,18 @@ impl TlsPostgres {
             .arg(self.dir.join("server.log")));
     }
 
+    /// Stops the server as a crash would (`-m immediate`: no checkpoint, WAL not yet written is
+    /// lost), then starts it again (it recovers from its WAL).
+    pub fn crash_and_restart(&self) {
+        run(pg(&self.bin, "pg_ctl").arg("-D").arg(self.dir.join("data")).args(["-m", "immediate", "-w", "stop"]));
+        run(pg(&self.bin, "pg_ctl")
+            .arg("-D")
+            .arg(self.dir.join("data"))
+            .args(["-w", "-t", "60", "start"])
+            .arg("-l")
+            .arg(self.dir.join("server.log")));
+    }
+
     pub fn start_with(tls: bool) -> Self {
         let bin = pg_bin_dir();
         let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(unique_name("tls-pg"));
