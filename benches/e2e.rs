@@ -215,16 +215,26 @@ async fn produce_rate(ctx: &Ctx, topic: &str, n: usize, size: usize) -> Res<f64>
                 Err((_, rec)) => {
                     record = rec;
                     if let Some(f) = pending.pop_front() {
-                        f.await?.map_err(|(e, _)| e)?;
+                        ack(f).await?;
                     }
                 }
             }
         }
     }
     for f in pending {
-        f.await?.map_err(|(e, _)| e)?;
+        ack(f).await?;
     }
     Ok(n as f64 / start.elapsed().as_secs_f64())
+}
+
+/// One acknowledgement, within a minute: the relay's producer settings never time a record out
+/// inside librdkafka, so a broker gone away would otherwise hang the benchmark.
+async fn ack(f: rdkafka::producer::DeliveryFuture) -> Res<()> {
+    tokio::time::timeout(Duration::from_secs(60), f)
+        .await
+        .map_err(|_| "no acknowledgement within 60 s: is the broker up?")??
+        .map_err(|(e, _)| e)?;
+    Ok(())
 }
 
 /// The relay draining `n` rows committed in one go while it already runs.
@@ -362,6 +372,69 @@ async fn latency_at(ctx: &Ctx, rate: f64, secs: f64) -> Res<(Histogram<u64>, His
     Ok((ack, effect, lag, applied))
 }
 
+/// A gentle, steady rate: what each delivered row costs (claims run per row) and how long it
+/// waits (commit→ack from the archive, whose `delivered_at` is the acknowledgement). Four writers,
+/// one message per transaction, open loop; no consumer.
+async fn gentle_rate(ctx: &Ctx, rate: f64, secs: f64, run: usize) -> Res<(f64, Histogram<u64>, Histogram<u64>)> {
+    let s = ctx.schema(&format!("gentle{}r{run}", rate as u64), 16).await?;
+    let topic = ctx.topic(&format!("gentle{}r{run}", rate as u64), 4).await?;
+    let mut rc = ctx.relay_config(&s);
+    rc.archive = true;
+    let relay = start_relay(rc);
+    relay.wait_lanes(16).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (claims0, delivered0) =
+        (relay.stats.claims.load(Ordering::Relaxed), relay.stats.delivered.load(Ordering::Relaxed));
+    let n = (rate * secs) as usize;
+    let writers = 4usize;
+    let t0 = Instant::now() + Duration::from_millis(200);
+    let mut tasks = Vec::new();
+    for w in 0..writers {
+        let (db, s, topic) = (ctx.db.clone(), s.clone(), topic.clone());
+        tasks.push(tokio::spawn(async move {
+            let c = db.connect().await?;
+            let stmt = c.prepare(&s.qualify("SELECT __SCHEMA__.enqueue($1, $2, convert_to($3, 'UTF8'))")).await?;
+            let mut lags = Vec::new();
+            let mut i = w;
+            while i < n {
+                let due = Duration::from_secs_f64(i as f64 / rate);
+                tokio::time::sleep_until((t0 + due).into()).await;
+                let payload = format!(
+                    "{{\"order\":{i},\"customer\":\"c-{}\",\"amount_cents\":{},\"note\":\"{}\"}}",
+                    i % 997,
+                    i * 37 % 9_900,
+                    "x".repeat(120)
+                );
+                c.execute(&stmt, &[&topic, &format!("key-{}", i % 1000), &payload]).await?;
+                lags.push(Instant::now().saturating_duration_since(t0 + due).as_micros() as u64);
+                i += writers;
+            }
+            Ok::<Vec<u64>, Box<dyn std::error::Error + Send + Sync>>(lags)
+        }));
+    }
+    let mut lag = Histogram::<u64>::new(3)?;
+    for t in tasks {
+        for l in t.await?? {
+            lag.record(l.max(1))?;
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while backlog(ctx, &s).await? > 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let claims = relay.stats.claims.load(Ordering::Relaxed) - claims0;
+    let delivered = relay.stats.delivered.load(Ordering::Relaxed) - delivered0;
+    relay.stop().await?;
+    let mut ack = Histogram::<u64>::new(3)?;
+    let c = ctx.db.connect().await?;
+    let sql =
+        s.qualify("SELECT (extract(epoch FROM delivered_at - created_at) * 1e6)::bigint FROM __SCHEMA__.delivered");
+    for r in c.query(&sql, &[]).await? {
+        ack.record(r.get::<_, i64>(0).max(1) as u64)?;
+    }
+    Ok((claims as f64 / delivered.max(1) as f64, ack, lag))
+}
+
 /// How many single-message transactions per second 8 writers commit (closed loop, 3 s).
 async fn writer_capacity(ctx: &Ctx) -> Res<f64> {
     let s = ctx.schema("writers", 16).await?;
@@ -482,6 +555,58 @@ async fn inbox_rate(ctx: &Ctx, mode: &str, m: usize, dup_share: f64) -> Res<f64>
     Ok(rate)
 }
 
+/// Section 1: throughput at 200 B and 2 KiB against both baselines; the relay's rate at 200 B.
+async fn throughput(ctx: &mut Ctx, n: usize) -> Res<f64> {
+    ctx.say(&format!("## 1. Throughput ({n} messages, 16 lanes, 4 partitions)\n"));
+    ctx.say("| payload | claim+delete alone (msg/s) | produce alone (msg/s) | relay (msg/s) | relay / min(both) |");
+    ctx.say("|---|---|---|---|---|");
+    let mut peak = 0.0;
+    for size in [200usize, 2048] {
+        let s = ctx.schema(&format!("cd{size}"), 16).await?;
+        let topic = ctx.topic(&format!("cd{size}"), 4).await?;
+        preload(ctx, &s, &topic, n, size).await?;
+        let cd = claim_delete_rate(ctx, &s, 16, n).await?;
+        let prod = produce_rate(ctx, &ctx.topic(&format!("prod{size}"), 4).await?, n, size).await?;
+        let s2 = ctx.schema(&format!("relay{size}"), 16).await?;
+        let rl = relay_rate(ctx, &s2, &topic, n, size, 1).await?;
+        if size == 200 {
+            peak = rl;
+        }
+        ctx.say(&format!("| {size} B | {cd:.0} | {prod:.0} | {rl:.0} | {:.2} |", rl / cd.min(prod)));
+    }
+    Ok(peak)
+}
+
+/// Section 6: at 200/s and 1,000/s, claims per delivered row and commit→ack, three runs of `secs`
+/// each; the median run (by p99) and the spread of the three.
+async fn gentle_rates(ctx: &mut Ctx, secs: f64) -> Res<()> {
+    ctx.say(&format!(
+        "\n## 6. Gentle rates (16 lanes, 4 writers, one message per transaction, JSON ~200 B; {secs:.0} s runs, median of 3 by p99, spread)\n"
+    ));
+    ctx.say("| rate | claims per delivered row (3 runs) | commit→ack p50 / p99 / p99.9 / max (ms), median run | p99 of the 3 runs (ms) | writer lag p99 (ms) |");
+    ctx.say("|---|---|---|---|---|");
+    for rate in [200.0, 1000.0] {
+        let mut runs = Vec::new();
+        for r in 0..3 {
+            runs.push(gentle_rate(ctx, rate, secs, r).await?);
+        }
+        let claims: Vec<String> = runs.iter().map(|(c, _, _)| format!("{c:.2}")).collect();
+        let mut p99s: Vec<f64> = runs.iter().map(|(_, a, _)| a.value_at_quantile(0.99) as f64 / 1000.0).collect();
+        runs.sort_by_key(|(_, a, _)| a.value_at_quantile(0.99));
+        let (_, ack, lag) = &runs[1];
+        p99s.sort_by(f64::total_cmp);
+        ctx.say(&format!(
+            "| {rate:.0}/s | {} | {} | {:.1} – {:.1} | {:.2} |",
+            claims.join(", "),
+            pct(ack),
+            p99s[0],
+            p99s[2],
+            lag.value_at_quantile(0.99) as f64 / 1000.0
+        ));
+    }
+    Ok(())
+}
+
 #[tokio::main(flavor = "multi_thread")]
 async fn main() -> Res<()> {
     let short = std::env::args().any(|a| a == "--short");
@@ -511,25 +636,9 @@ async fn main() -> Res<()> {
 
     // 1. Throughput (also gives the peak the latency rates are shares of).
     let n = ctx.size(30_000, 150_000);
-    if !(run(1) || run(2)) {
-        return Err("nothing to run".into());
-    }
-    ctx.say(&format!("## 1. Throughput ({n} messages, 16 lanes, 4 partitions)\n"));
-    ctx.say("| payload | claim+delete alone (msg/s) | produce alone (msg/s) | relay (msg/s) | relay / min(both) |");
-    ctx.say("|---|---|---|---|---|");
     let mut peak = 0.0;
-    for size in [200usize, 2048] {
-        let s = ctx.schema(&format!("cd{size}"), 16).await?;
-        let topic = ctx.topic(&format!("cd{size}"), 4).await?;
-        preload(&ctx, &s, &topic, n, size).await?;
-        let cd = claim_delete_rate(&ctx, &s, 16, n).await?;
-        let prod = produce_rate(&ctx, &ctx.topic(&format!("prod{size}"), 4).await?, n, size).await?;
-        let s2 = ctx.schema(&format!("relay{size}"), 16).await?;
-        let rl = relay_rate(&ctx, &s2, &topic, n, size, 1).await?;
-        if size == 200 {
-            peak = rl;
-        }
-        ctx.say(&format!("| {size} B | {cd:.0} | {prod:.0} | {rl:.0} | {:.2} |", rl / cd.min(prod)));
+    if run(1) || run(2) {
+        peak = throughput(&mut ctx, n).await?;
     }
 
     // 2. Latency.
@@ -639,6 +748,11 @@ async fn main() -> Res<()> {
             }
             ctx.say(&format!("| {instances} | {r:.0} | {:.2} |", r / one));
         }
+    }
+
+    // 6. Gentle rates: work per row and latency where users feel it.
+    if run(6) {
+        gentle_rates(&mut ctx, if short { 10.0 } else { 20.0 }).await?;
     }
 
     std::fs::create_dir_all("target/bench")?;

@@ -113,6 +113,13 @@ pub fn kafka_code(code: rdkafka::types::RDKafkaErrorCode) -> Classified {
     }
 }
 
+/// The relay's producer failed for good for a reason of its own (not a refused record): the broker
+/// or the relay's permissions are at fault, so it is retried with backoff and feeds the breaker.
+#[cfg(feature = "kafka")]
+pub fn producer_failed() -> Classified {
+    retry("kafka.producer_failed", true)
+}
+
 /// Classifies an rdkafka error.
 #[cfg(feature = "kafka")]
 pub fn kafka(e: &rdkafka::error::KafkaError) -> Classified {

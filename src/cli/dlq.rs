@@ -268,7 +268,9 @@ async fn matched(
     if !filters.narrows() && !change.all {
         return Err("give a filter (--id, --topic, --key, --reason, --since, --until, --consumer) or --all".into());
     }
-    let items = ops::list(client, global.schema(), filters.source(), &filters.filter(), filters.limit, false).await?;
+    // Every id asked for is looked at, however many: --limit caps what filters match, not a list.
+    let limit = filters.limit.max(filters.all_ids().len() as i64);
+    let items = ops::list(client, global.schema(), filters.source(), &filters.filter(), limit, false).await?;
     for id in &filters.all_ids() {
         if !items.iter().any(|i| &i.id == id) {
             return Err(NotFound(OpsError::UnknownId { kind: filters.source(), id: id.clone() }.to_string()).into());

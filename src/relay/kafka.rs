@@ -112,6 +112,10 @@ fn check_property(name: &str, value: &str) -> Result<(), KafkaConfigError> {
             "the relay bounds delivery itself with --message-timeout and then replaces the producer, so that a \
              timeout gives a duplicate, never a reorder; set --message-timeout instead",
         ),
+        "retries" | "message.send.max.retries" => refuse(
+            "a record that runs out of retries lets the records behind it through; the relay retries without \
+             limit inside one batch and bounds the batch with --message-timeout",
+        ),
         "enable.gapless.guarantee" if value != "true" => {
             refuse("without it a record that failed for good lets later records of its key through")
         }
@@ -174,6 +178,8 @@ mod tests {
         assert!(s(&[("message.timeout.ms", "5000")]).client_config().is_err());
         assert!(s(&[("delivery.timeout.ms", "5000")]).client_config().is_err());
         assert!(s(&[("enable.gapless.guarantee", "false")]).client_config().is_err());
+        assert!(s(&[("retries", "3")]).client_config().is_err());
+        assert!(s(&[("message.send.max.retries", "3")]).client_config().is_err());
         assert!(s(&[("max.in.flight.requests.per.connection", "1")]).client_config().is_ok());
     }
 

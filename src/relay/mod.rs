@@ -227,6 +227,8 @@ pub(crate) struct Shared {
     pub(crate) config: RelayConfig,
     pub(crate) breaker: breaker::Breaker,
     pub(crate) producer: producer::ProducerSlot,
+    /// The dead-letter mirror's own producer (with `--dlq-topic`).
+    pub(crate) mirror: Option<rdkafka::producer::FutureProducer>,
     pub(crate) wakes: LaneWakes,
     pub(crate) source: String,
     pub(crate) stats: Arc<RelayStats>,
@@ -258,6 +260,10 @@ pub async fn run_with_stats(
         .map_err(RelayError::Startup)?
         .get(0);
     let producer = producer::ProducerSlot::new(config.producer.clone(), stats.clone())?;
+    let mirror = match &config.dlq_topic {
+        Some(_) => Some(producer::mirror_producer(&config.producer)?),
+        None => None,
+    };
     let wakes = LaneWakes::new(info.lanes);
     let listener_stop = CancellationToken::new();
     let listener =
@@ -278,6 +284,7 @@ pub async fn run_with_stats(
         config: config.clone(),
         breaker: breaker::Breaker::new(config.breaker, stats.clone()),
         producer,
+        mirror,
         wakes,
         source,
         stats: stats.clone(),
@@ -293,6 +300,7 @@ pub async fn run_with_stats(
         owned: BTreeMap::new(),
         registered: false,
         next_maintenance: tokio::time::Instant::now() + config.maintenance_interval,
+        pruning: None,
         last_backlog: tokio::time::Instant::now() - Duration::from_secs(60),
     };
     let probe = tokio::spawn(probe_broker(shared.clone(), server_stop.clone()));
@@ -323,6 +331,9 @@ pub async fn run_with_stats(
     if tokio::time::timeout(Duration::from_secs(5), coordinator.deregister()).await.is_err() {
         tracing::warn!("could not deregister in time; the instance row expires by itself");
     }
+    if let Some(pruning) = coordinator.pruning.take() {
+        pruning.abort();
+    }
     listener_stop.cancel();
     let _ = listener.await;
     server_stop.cancel();
@@ -343,6 +354,7 @@ struct Coordinator {
     owned: BTreeMap<i16, OwnedLane>,
     registered: bool,
     next_maintenance: tokio::time::Instant,
+    pruning: Option<JoinHandle<()>>,
     last_backlog: tokio::time::Instant,
 }
 
@@ -404,11 +416,12 @@ impl Coordinator {
             self.registered = true;
             return;
         }
-        if tokio::time::Instant::now() >= self.next_maintenance {
+        // Pruning can take long (a large archive, many kept keys): in a task of its own with a
+        // session of its own, so the heartbeat never waits for it.
+        if tokio::time::Instant::now() >= self.next_maintenance && self.pruning.as_ref().is_none_or(|t| t.is_finished())
+        {
             self.next_maintenance = tokio::time::Instant::now() + self.config().maintenance_interval;
-            if let Err(e) = self.prune().await {
-                tracing::warn!(error = %e, "pruning the archive and expired idempotency keys failed; will retry");
-            }
+            self.pruning = Some(tokio::spawn(prune(self.shared.clone())));
         }
         let fair = (self.lanes_total as usize).div_ceil(live.max(1) as usize);
         let target = self.config().max_lanes.map_or(fair, |m| fair.min(m as usize));
@@ -551,41 +564,6 @@ impl Coordinator {
         Ok(())
     }
 
-    /// Deletes archived rows past retention and idempotency keys past their window, in chunks so
-    /// that no statement holds locks for long. Any instance may do it; doing it twice is harmless.
-    async fn prune(&mut self) -> Result<(), tokio_postgres::Error> {
-        const CHUNK: i64 = 10_000;
-        let schema = self.config().schema.clone();
-        let archive = self.config().archive;
-        let retention_s = self.config().archive_retention.as_secs() as i64;
-        let stats = self.shared.stats.clone();
-        let Some(control) = self.control().await else { return Ok(()) };
-        let mut pruned = 0u64;
-        if archive {
-            let sql = schema.qualify(include_str!("../sql/prune_archive.sql"));
-            loop {
-                let n = control.execute(&sql, &[&retention_s, &CHUNK]).await?;
-                pruned += n;
-                if n < CHUNK as u64 {
-                    break;
-                }
-            }
-        }
-        let sql = schema.qualify(include_str!("../sql/prune_idempotency_keys.sql"));
-        loop {
-            let n = control.execute(&sql, &[&CHUNK]).await?;
-            pruned += n;
-            if n < CHUNK as u64 {
-                break;
-            }
-        }
-        if pruned > 0 {
-            tracing::info!(pruned, "pruned archived rows and expired idempotency keys");
-        }
-        stats.pruned.fetch_add(pruned, Ordering::Relaxed);
-        Ok(())
-    }
-
     async fn release_extra(&mut self, target: usize) {
         while self.owned.len() > target {
             let (lane, owned) = self.owned.pop_last().expect("more than target");
@@ -613,6 +591,47 @@ impl Coordinator {
                 tracing::warn!(error = %e, "could not deregister; the row expires by itself");
             }
         }
+    }
+}
+
+/// Deletes archived rows past retention and idempotency keys past their window (whose message is
+/// gone), in chunks so that no statement holds locks for long. Any instance may do it; doing it
+/// twice is harmless.
+async fn prune(shared: Arc<Shared>) {
+    const CHUNK: i64 = 10_000;
+    let config = &shared.config;
+    let run = async {
+        let client = config.db.connect().await.map_err(|e| e.to_string())?;
+        let mut pruned = 0u64;
+        if config.archive {
+            let sql = config.schema.qualify(include_str!("../sql/prune_archive.sql"));
+            let retention_s = config.archive_retention.as_secs() as i64;
+            loop {
+                let n = client.execute(&sql, &[&retention_s, &CHUNK]).await.map_err(|e| e.to_string())?;
+                pruned += n;
+                if n < CHUNK as u64 {
+                    break;
+                }
+            }
+        }
+        let sql = config.schema.qualify(include_str!("../sql/prune_idempotency_keys.sql"));
+        loop {
+            let n = client.execute(&sql, &[&CHUNK]).await.map_err(|e| e.to_string())?;
+            pruned += n;
+            if n < CHUNK as u64 {
+                break;
+            }
+        }
+        Ok::<u64, String>(pruned)
+    };
+    match run.await {
+        Ok(pruned) => {
+            if pruned > 0 {
+                tracing::info!(pruned, "pruned archived rows and expired idempotency keys");
+            }
+            shared.stats.pruned.fetch_add(pruned, Ordering::Relaxed);
+        }
+        Err(e) => tracing::warn!(error = %e, "pruning the archive and expired idempotency keys failed; will retry"),
     }
 }
 

@@ -14,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::breaker::{BreakerState, Permit};
 use super::claim::{Acked, ClaimedRow, DeadLetter, FailedAttempt, LaneSession};
+use super::producer::{Generation, SendError};
 use super::{envelope, DeadLetterPolicy, Shared};
 use crate::classify::{self, reason, Classified, Disposition};
 use crate::outbox::validate_topic;
@@ -105,6 +106,7 @@ pub(crate) async fn run_lane(
         let mut acked = Vec::with_capacity(outcomes.len());
         let mut failed = Vec::new();
         let mut dead = Vec::new();
+        let mut untouched = Vec::new();
         let mut broker_failure = false;
         for (row, outcome) in rows.iter().zip(outcomes) {
             match outcome {
@@ -132,12 +134,12 @@ pub(crate) async fn run_lane(
                             crate::telemetry::retried(&row.topic, classified.class);
                             failed.push(FailedAttempt { seq: row.seq, error, delay_ms: delay.as_millis() as i64 });
                         }
-                        Decision::Untouched => {}
+                        Decision::Untouched => untouched.push(row.seq),
                     }
                 }
             }
         }
-        note_order_hazards(&shared, lane, rows, &acked, &failed, &dead);
+        note_order_hazards(&shared, lane, rows, &acked, &failed, &dead, &untouched);
         if broker_failure {
             shared.breaker.on_failure();
         } else if !acked.is_empty() {
@@ -231,11 +233,13 @@ fn note_order_hazards(
     acked: &[Acked],
     failed: &[FailedAttempt],
     dead: &[DeadLetter],
+    untouched: &[i64],
 ) {
-    if failed.is_empty() && dead.is_empty() {
+    if failed.is_empty() && dead.is_empty() && untouched.is_empty() {
         return;
     }
-    let failed_seqs: HashSet<i64> = failed.iter().map(|f| f.seq).chain(dead.iter().map(|d| d.seq)).collect();
+    let failed_seqs: HashSet<i64> =
+        failed.iter().map(|f| f.seq).chain(dead.iter().map(|d| d.seq)).chain(untouched.iter().copied()).collect();
     let acked_seqs: HashSet<i64> = acked.iter().map(|a| a.seq).collect();
     let mut failed_keys: HashSet<(&str, &str)> = HashSet::new();
     for r in rows {
@@ -292,19 +296,26 @@ async fn deliver(shared: &Shared, rows: &[ClaimedRow]) -> Vec<Outcome> {
     let mut pending = Vec::with_capacity(rows.len());
     // Keys with a row refused in this batch: their later rows are held, to keep key order.
     let mut refused_keys: HashSet<&str> = HashSet::new();
-    let mut queue_stuck = false;
+    // The queue stayed full until the deadline, or the generation was retired under this batch:
+    // hold the rest (a record handed to a purged producer could overtake the purged ones).
+    let mut hold_rest = false;
     for row in rows {
-        if queue_stuck || row.key.as_deref().is_some_and(|k| refused_keys.contains(k)) {
+        if hold_rest || row.key.as_deref().is_some_and(|k| refused_keys.contains(k)) {
             pending.push(Sent::Held);
             continue;
         }
-        let sent = send_one(shared, &generation.producer, row, deadline).await;
+        let sent = send_one(shared, &generation, row, deadline).await;
+        if let Sent::Retired = sent {
+            hold_rest = true;
+            pending.push(Sent::Held);
+            continue;
+        }
         if let Sent::Refused(_, c) = &sent {
             if let Some(k) = row.key.as_deref() {
                 refused_keys.insert(k);
             }
             // The producer queue stayed full until the deadline: hold the rest of the batch.
-            queue_stuck |= c.class == "kafka.throttled";
+            hold_rest |= c.class == "kafka.throttled";
         }
         pending.push(sent);
     }
@@ -353,7 +364,7 @@ async fn deliver(shared: &Shared, rows: &[ClaimedRow]) -> Vec<Outcome> {
                 }
             },
             Sent::Refused(error, classified) => Outcome::Failed { error, classified },
-            Sent::Held => Outcome::Held,
+            Sent::Held | Sent::Retired => Outcome::Held,
         };
         outcomes.push(outcome);
     }
@@ -361,7 +372,23 @@ async fn deliver(shared: &Shared, rows: &[ClaimedRow]) -> Vec<Outcome> {
     if deadline_passed {
         shared.producer.retire(generation.number, "batch_deadline").await;
     } else if let Some((code, why)) = generation.producer.client().fatal_error() {
-        tracing::warn!(error_code = ?code, error = %why, "the Kafka producer failed for good; replacing it");
+        if code == RDKafkaErrorCode::GaplessGuarantee {
+            // A record was refused for good (its own report says why); the rest is collateral.
+            tracing::warn!(error = %why, "a record was refused for good; replacing the Kafka producer");
+        } else {
+            // The producer itself cannot work (no idempotent-write permission, a broker without
+            // idempotence): not the rows' fault but the broker's, so it counts as a failure and
+            // feeds the breaker, instead of replacing producers as fast as batches come.
+            tracing::error!(error_code = ?code, error = %why,
+                "the Kafka producer failed for good; check the broker and the relay's ACLs (IdempotentWrite)");
+            for o in outcomes.iter_mut() {
+                if let Outcome::Failed { classified, .. } = o {
+                    if classified.disposition == Disposition::Resend {
+                        *classified = classify::producer_failed();
+                    }
+                }
+            }
+        }
         shared.producer.retire(generation.number, "fatal_error").await;
     }
     outcomes
@@ -394,7 +421,12 @@ async fn await_report(
             _ = tokio::time::sleep_until(deadline) => return Report::Deadline,
             _ = check.tick() => {
                 if producer.client().fatal_error().is_some() {
-                    return Report::Fatal;
+                    // The refused record's own report follows the failure closely: give it a
+                    // moment, so that it is dead-lettered with its reason rather than sent again.
+                    return match tokio::time::timeout(Duration::from_millis(200), &mut report).await {
+                        Ok(r) => Report::Done(r),
+                        Err(_) => Report::Fatal,
+                    };
                 }
             }
         }
@@ -404,7 +436,10 @@ async fn await_report(
 enum Sent {
     Queued(String, rdkafka::producer::DeliveryFuture),
     Refused(String, Classified),
+    /// Not sent: held back to keep key order.
     Held,
+    /// Not sent: the generation was retired (replaced) under the batch.
+    Retired,
 }
 
 fn malformed(why: String) -> Sent {
@@ -419,12 +454,7 @@ fn malformed(why: String) -> Sent {
     )
 }
 
-async fn send_one(
-    shared: &Shared,
-    producer: &FutureProducer,
-    row: &ClaimedRow,
-    deadline: tokio::time::Instant,
-) -> Sent {
+async fn send_one(shared: &Shared, generation: &Generation, row: &ClaimedRow, deadline: tokio::time::Instant) -> Sent {
     if let Some(why) = &row.malformed {
         return malformed(why.clone());
     }
@@ -441,9 +471,10 @@ async fn send_one(
         record = record.payload(p.as_slice());
     }
     loop {
-        match producer.send_result(record) {
+        match generation.send(record) {
             Ok(fut) => return Sent::Queued(topic.clone(), fut),
-            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
+            Err(SendError::Retired) => return Sent::Retired,
+            Err(SendError::Kafka(KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
                 // librdkafka's queue is full: wait for acknowledgements to make room.
                 if tokio::time::Instant::now() >= deadline {
                     return Sent::Refused(
@@ -454,7 +485,7 @@ async fn send_one(
                 record = r;
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
-            Err((e, _)) => return Sent::Refused(describe(&e), classify::kafka(&e)),
+            Err(SendError::Kafka(e, _)) => return Sent::Refused(describe(&e), classify::kafka(&e)),
         }
     }
 }
@@ -480,7 +511,8 @@ fn mirror_to_dlq(shared: &Arc<Shared>, dlq: &str, rows: &[ClaimedRow], dead: &[D
             }
         }
         let id = row.id;
-        match shared.producer.current().producer.send_result(record) {
+        let Some(mirror) = &shared.mirror else { return };
+        match mirror.send_result(record) {
             Ok(fut) => {
                 tokio::spawn(async move {
                     if let Ok(Err((e, _))) = fut.await {

@@ -78,7 +78,6 @@ async fn mock_cluster_acknowledges_a_row_it_never_wrote_when_requests_overlap() 
         let (mock, topic) = mock_with_topic(1);
         let s = TestSchema::new(2).await;
         let keys = key_per_lane(&s).await;
-        mock.broker_round_trip_time(1, Duration::from_millis(1000)).unwrap();
         let mut cfg = config(&s.name);
         cfg.producer.brokers = mock.bootstrap_servers();
         cfg.producer.properties.push(("max.in.flight.requests.per.connection".into(), in_flight.to_string()));
@@ -93,15 +92,18 @@ async fn mock_cluster_acknowledges_a_row_it_never_wrote_when_requests_overlap() 
         // Warm the producer (metadata, producer id) so that the two rows below are sent at once.
         enqueue_one(&s, &topic, &keys[0]).await;
         wait_until_empty(&s, Duration::from_secs(30)).await;
-        // The next produce request fails with a retryable error; the second row goes out (from the
-        // other lane) while the first request is still waiting for its answer.
+        // The next produce request fails with a retryable error, answered after 2 s; the second row
+        // goes out (from the other lane) while the first request is still waiting for its answer.
+        mock.broker_round_trip_time(1, Duration::from_millis(2000)).unwrap();
         mock.request_errors(RDKafkaApiKey::Produce, &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_NOT_ENOUGH_REPLICAS]);
         let first = enqueue_one(&s, &topic, &keys[0]).await;
         tokio::time::sleep(Duration::from_millis(200)).await;
         let second = enqueue_one(&s, &topic, &keys[1]).await;
         wait_until_empty(&s, Duration::from_secs(60)).await;
         let stats = relay.shutdown().await;
-        let received = read_topic_from(&mock.bootstrap_servers(), &topic, 3, Duration::from_secs(10));
+        // Read at full speed (the round-trip time applies to the reader too).
+        mock.broker_round_trip_time(1, Duration::ZERO).unwrap();
+        let received = read_topic_from(&mock.bootstrap_servers(), &topic, 3, Duration::from_secs(30));
         let at_mock: std::collections::HashSet<Uuid> = received.iter().map(|r| r.id).collect();
         let archived: i64 = connect()
             .await
@@ -244,13 +246,15 @@ async fn per_key_order_holds_while_the_broker_flaps() {
         let topic = topic.clone();
         tokio::spawn(async move { write_paced(&s, &topic, 3, 600, Duration::from_millis(200)).await })
     };
-    // Six outages of 0.3 to 1.2 s, 0.5 s apart; count those that began while rows were written.
+    // Six outages, 0.5 s apart: the first outlasts the batch deadline, the others last 0.3 to
+    // 1.2 s; count those that began while rows were written.
     let mut flaps = 0;
-    for _ in 0..6 {
+    for i in 0..6 {
         tokio::time::sleep(Duration::from_millis(500)).await;
         flaps += usize::from(!writer.is_finished());
         mock.broker_down(1).unwrap();
-        tokio::time::sleep(Duration::from_millis(rand::random_range(300..1200))).await;
+        let outage = if i == 0 { 1500 } else { rand::random_range(300..1200) };
+        tokio::time::sleep(Duration::from_millis(outage)).await;
         mock.broker_up(1).unwrap();
     }
     let committed = writer.await.unwrap();
