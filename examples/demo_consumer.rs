@@ -8,11 +8,20 @@
 //! Environment: `DATABASE_URL`, `KAFKA_BROKERS`, `OUTBOX_SCHEMA` (default `outbox`, where the
 //! inbox lives), `DEMO_TOPIC` (default `demo.orders`), `DEMO_GROUP` (default `demo-totals`),
 //! `DEMO_BATCH` (messages per transaction, default 100).
+//!
+//! For fault tests (`scripts/soak.sh`), both off by default:
+//! - `DEMO_CRASH_ON_SIGUSR1=1`: SIGUSR1 arms a crash; the runner then stops right after its next
+//!   database commit, before the offset is stored, and the process exits with status 3. The
+//!   messages of that commit are delivered again after a restart; the inbox must skip them.
+//! - `DEMO_KAFKA_PROPERTIES`: librdkafka properties, `name=value` separated by spaces or commas
+//!   (such as `session.timeout.ms=6000`).
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use outbox_relay::consumer::{self, ConsumedMessage, ConsumerConfig, ConsumerStats, Handler, HandlerFuture};
+use outbox_relay::consumer::{
+    self, ConsumedMessage, ConsumerConfig, ConsumerError, ConsumerStats, CrashAfterCommit, Handler, HandlerFuture,
+};
 use outbox_relay::db::DbConfig;
 use outbox_relay::schema::SchemaName;
 use tokio_postgres::Transaction;
@@ -41,6 +50,20 @@ impl Handler for CustomerTotals {
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    // Installed first, so that a SIGUSR1 never finds the default action (terminate) in place.
+    let crash_armed = Arc::new(AtomicBool::new(false));
+    let crash_on_sigusr1 = std::env::var("DEMO_CRASH_ON_SIGUSR1").is_ok_and(|v| v == "1");
+    if crash_on_sigusr1 {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut usr1 = signal(SignalKind::user_defined1())?;
+        let armed = crash_armed.clone();
+        tokio::spawn(async move {
+            while usr1.recv().await.is_some() {
+                eprintln!("consumer: SIGUSR1: crash armed for after the next commit");
+                armed.store(true, Ordering::SeqCst);
+            }
+        });
+    }
     let url = std::env::var("DATABASE_URL").map_err(|_| "set DATABASE_URL")?;
     let brokers = std::env::var("KAFKA_BROKERS").map_err(|_| "set KAFKA_BROKERS")?;
     let schema: SchemaName = std::env::var("OUTBOX_SCHEMA").unwrap_or_else(|_| "outbox".into()).parse()?;
@@ -58,6 +81,25 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .await?;
     let mut config = ConsumerConfig::new(brokers, group, vec![topic], "demo-totals", schema, db);
     config.batch_size = batch;
+    if let Ok(props) = std::env::var("DEMO_KAFKA_PROPERTIES") {
+        for p in props.split([' ', ',']).filter(|p| !p.is_empty()) {
+            let (name, value) = p.split_once('=').ok_or("DEMO_KAFKA_PROPERTIES: name=value expected")?;
+            config.properties.push((name.to_owned(), value.to_owned()));
+        }
+    }
+    if crash_on_sigusr1 {
+        let armed = crash_armed.clone();
+        config.crash_after_commit = Some(CrashAfterCommit(Arc::new(move |m: &ConsumedMessage| {
+            let fire = armed.swap(false, Ordering::SeqCst);
+            if fire {
+                eprintln!(
+                    "consumer: crashing after the commit of {} ({}/{}@{}), before its offset is stored",
+                    m.id, m.topic, m.partition, m.offset
+                );
+            }
+            fire
+        })));
+    }
     let stop = CancellationToken::new();
     let signal_stop = stop.clone();
     tokio::spawn(async move {
@@ -75,6 +117,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         stats.conflicts.load(Ordering::Relaxed),
         stats.dead_lettered.load(Ordering::Relaxed)
     );
+    if let Err(ConsumerError::InjectedCrash) = result {
+        eprintln!("consumer: exiting after the injected crash (status 3)");
+        std::process::exit(3);
+    }
     result?;
     Ok(())
 }

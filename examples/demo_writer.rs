@@ -6,7 +6,10 @@
 //! DATABASE_URL=... cargo run --example demo_writer -- --orders 10000 --rate 2000
 //! ```
 //! Environment: `DATABASE_URL`, `OUTBOX_SCHEMA` (default `outbox`), `DEMO_TOPIC` (default
-//! `demo.orders`). Prints a progress line a second and a final `written N`.
+//! `demo.orders`), `DEMO_CUSTOMER_PREFIX` (default `customer`: the customers, which are the message
+//! keys, are `<prefix>-0` to `<prefix>-96`; writers running at once with different prefixes write
+//! disjoint keys, so each key's writes stay serialised). Prints a progress line a second and a
+//! final `written N`.
 
 use std::time::{Duration, Instant};
 
@@ -31,6 +34,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let url = std::env::var("DATABASE_URL").map_err(|_| "set DATABASE_URL")?;
     let schema: SchemaName = std::env::var("OUTBOX_SCHEMA").unwrap_or_else(|_| "outbox".into()).parse()?;
     let topic = std::env::var("DEMO_TOPIC").unwrap_or_else(|_| "demo.orders".into());
+    let prefix = std::env::var("DEMO_CUSTOMER_PREFIX").unwrap_or_else(|_| "customer".into());
     let mut client = DbConfig::parse(&url)?.connect().await?;
     client
         .batch_execute(
@@ -50,7 +54,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         let mut batch = Vec::with_capacity(n as usize);
         for i in 0..n {
             let seq = written + i;
-            let customer = format!("customer-{}", seq % 97);
+            let customer = format!("{prefix}-{}", seq % 97);
             let amount = 100 + (seq * 37 % 9_900) as i64;
             let id: i64 = tx
                 .query_one(

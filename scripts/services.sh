@@ -9,6 +9,10 @@
 #
 # PG_DURABLE=1 keeps fsync and synchronous_commit on (the benchmarks use it); the tests turn
 # them off because they test correctness, not durability of the machine's disk.
+#
+# KAFKA_FAULT_PROXY=1 (the soak uses it) puts scripts/fault_proxy.py in front of the broker: tansu
+# advertises the proxy's port, so every client goes through it, and `start` also prints
+# KAFKA_PROXY_CONTROL (the proxy's control port: `up`, `down refuse`, `down blackhole`, `status`).
 set -euo pipefail
 
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -121,16 +125,36 @@ start_kafka() {
   else
     bin=$(tansu_bin)
     port=$(free_port)
+    local advertised=$port
+    if [ "${KAFKA_FAULT_PROXY:-0}" = 1 ]; then advertised=$(free_port); fi
     RUST_LOG=warn setsid "$bin" broker \
       --listener-url "tcp://127.0.0.1:$port" \
-      --advertised-listener-url "tcp://127.0.0.1:$port" \
+      --advertised-listener-url "tcp://127.0.0.1:$advertised" \
       --storage-engine memory://tansu/ >"$kdir/broker.log" 2>&1 </dev/null &
     echo $! >"$kdir/pid"
     echo "$port" >"$kdir/port"
     wait_port 127.0.0.1 "$port" 30 || die "tansu did not listen on 127.0.0.1:$port within 30s: see $kdir/broker.log"
     log "tansu started on 127.0.0.1:$port (pid $(cat "$kdir/pid"))"
+    if [ "${KAFKA_FAULT_PROXY:-0}" = 1 ]; then start_fault_proxy "$advertised" "$port"; fi
   fi
-  export KAFKA_BROKERS="127.0.0.1:$port"
+  if [ -f "$kdir/proxy.port" ]; then
+    export KAFKA_BROKERS="127.0.0.1:$(cat "$kdir/proxy.port")" KAFKA_PROXY_CONTROL="$(cat "$kdir/proxy.control")"
+  else
+    export KAFKA_BROKERS="127.0.0.1:$port"
+  fi
+}
+
+# The fault proxy (KAFKA_FAULT_PROXY=1): listens on the port tansu advertises, forwards to tansu.
+start_fault_proxy() { # listen-port target-port
+  local kdir="$dir/kafka" ctl
+  ctl=$(free_port)
+  setsid python3 "$root/scripts/fault_proxy.py" --listen "$1" --target "$2" --control "$ctl" \
+    >"$kdir/proxy.log" 2>&1 </dev/null &
+  echo $! >"$kdir/proxy.pid"
+  wait_port 127.0.0.1 "$ctl" 30 || die "the fault proxy did not start: see $kdir/proxy.log"
+  echo "$1" >"$kdir/proxy.port"
+  echo "$ctl" >"$kdir/proxy.control"
+  log "fault proxy on 127.0.0.1:$1 -> 127.0.0.1:$2 (control port $ctl, pid $(cat "$kdir/proxy.pid"))"
 }
 
 stop_all() {
@@ -139,6 +163,11 @@ stop_all() {
     kill "$(cat "$kdir/pid")" 2>/dev/null || true
     rm -f "$kdir/pid"
     log "tansu stopped"
+  fi
+  if [ -f "$kdir/proxy.pid" ]; then
+    kill "$(cat "$kdir/proxy.pid")" 2>/dev/null || true
+    rm -f "$kdir/proxy.pid" "$kdir/proxy.port" "$kdir/proxy.control"
+    log "fault proxy stopped"
   fi
   if [ -f "$pgdir/port" ] && bin=$(pg_bin); then
     as_pg_user "$bin/pg_ctl" -D "$pgdir/data" -m immediate -w -t 30 stop >/dev/null 2>&1 || true
@@ -155,6 +184,7 @@ case "${1:-}" in
       echo "export DATABASE_URL='$DATABASE_URL'"
       echo "export KAFKA_BROKERS='$KAFKA_BROKERS'"
       [ -n "${OUTBOX_TEST_PG_CTL:-}" ] && echo "export OUTBOX_TEST_PG_CTL='$OUTBOX_TEST_PG_CTL' OUTBOX_TEST_PGDATA='$OUTBOX_TEST_PGDATA'"
+      if [ -n "${KAFKA_PROXY_CONTROL:-}" ]; then echo "export KAFKA_PROXY_CONTROL='$KAFKA_PROXY_CONTROL'"; fi
     } >"$envfile"
     cat "$envfile"
     ;;
