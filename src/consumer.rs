@@ -313,6 +313,11 @@ pub async fn run<H: Handler>(
         .set("session.timeout.ms", "10000")
         .set("heartbeat.interval.ms", "1000")
         .set("socket.timeout.ms", "10000")
+        // How long a fetch may wait for data. Apache Kafka answers a waiting fetch as soon as a
+        // record arrives, so this only bounds idle polling there; a broker that does not answer
+        // early (the test broker) makes it the floor of every message's latency (librdkafka's
+        // default, 500 ms, put p50 commit-to-effect near 190 ms at 500 msg/s).
+        .set("fetch.wait.max.ms", "100")
         // A consumer may start before its topic exists: notice it (and new partitions) in seconds.
         .set("topic.metadata.refresh.interval.ms", "5000");
     for (k, v) in &config.properties {
