@@ -10,6 +10,7 @@
 //! - [`retry`]: capped exponential backoff with full jitter.
 //! - [`telemetry`]: every metric, defined once (name, unit, help, labels).
 //! - [`health`] (feature `relay`): `/metrics`, `/healthz`, `/readyz`.
+//! - [`horizon`]: queue health: who holds back PostgreSQL's cleanup of the outbox.
 //! - [`ops`] (feature `relay`): what the operator commands read and change: dead letters,
 //!   status, trace; every change with an audit row.
 
@@ -37,6 +38,7 @@ pub mod consumer;
 pub mod db;
 #[cfg(feature = "relay")]
 pub mod health;
+pub mod horizon;
 #[cfg(feature = "inbox")]
 pub mod inbox;
 #[cfg(feature = "relay")]

@@ -404,6 +404,10 @@ pub struct Status {
     pub parked_keys: Vec<(String, Uuid)>,
     /// Lanes nobody owns.
     pub unowned_lanes: Vec<i16>,
+    /// Dead row versions in the outbox table.
+    pub outbox_dead_tuples: i64,
+    /// What holds back the oldest snapshots on the database (at most 3, oldest first).
+    pub oldest_snapshots: Vec<crate::horizon::SnapshotHolder>,
 }
 
 /// Backlog of one topic in one lane.
@@ -501,6 +505,8 @@ pub async fn status(client: &impl GenericClient, schema: &SchemaName) -> Result<
         instances,
         parked_keys: parked.iter().map(|r| (r.get(0), r.get(1))).collect(),
         unowned_lanes: (0..lanes as i16).filter(|l| !owned.contains(l)).collect(),
+        outbox_dead_tuples: crate::horizon::dead_tuples(client, schema).await?,
+        oldest_snapshots: crate::horizon::snapshot_holders(client, 3).await?,
     })
 }
 

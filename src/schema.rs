@@ -113,6 +113,11 @@ pub const MIGRATIONS: &[Migration] = &[
     Migration { version: 4, name: "0004_failures.sql", sql: include_str!("../schema/0004_failures.sql") },
     Migration { version: 5, name: "0005_operations.sql", sql: include_str!("../schema/0005_operations.sql") },
     Migration { version: 6, name: "0006_lane_wakeups.sql", sql: include_str!("../schema/0006_lane_wakeups.sql") },
+    Migration {
+        version: 7,
+        name: "0007_queue_autovacuum.sql",
+        sql: include_str!("../schema/0007_queue_autovacuum.sql"),
+    },
 ];
 
 impl Migration {

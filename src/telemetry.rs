@@ -14,6 +14,8 @@
 //! | `outbox_relay_lanes_owned` | gauge | | lanes this instance owns |
 //! | `outbox_relay_acks_without_offset_total` | counter | topic | acknowledgements that carry no offset |
 //! | `outbox_relay_producer_replaced_total` | counter | reason | producer generations retired |
+//! | `outbox_relay_outbox_dead_tuples` | gauge | | dead row versions in the outbox table |
+//! | `outbox_relay_snapshot_horizon_seconds` | gauge | | age of the oldest snapshot held on the database |
 //! | `outbox_inbox_processed_total` | counter | consumer | effects applied |
 //! | `outbox_inbox_duplicates_total` | counter | consumer | redeliveries skipped |
 //! | `outbox_inbox_conflicts_total` | counter | consumer | same id, other payload |
@@ -51,6 +53,16 @@ pub fn describe() {
         "outbox_relay_producer_replaced_total",
         Unit::Count,
         "Kafka producers retired (batch deadline passed, or a permanent record failure), their records sent again"
+    );
+    describe_gauge!(
+        "outbox_relay_outbox_dead_tuples",
+        Unit::Count,
+        "Dead row versions in the outbox table, not yet cleaned up by vacuum"
+    );
+    describe_gauge!(
+        "outbox_relay_snapshot_horizon_seconds",
+        Unit::Seconds,
+        "Age of the oldest snapshot held on the database (it keeps deleted outbox rows from being cleaned up)"
     );
     describe_counter!("outbox_inbox_processed_total", Unit::Count, "Messages whose effect was applied");
     describe_counter!("outbox_inbox_duplicates_total", Unit::Count, "Redeliveries skipped by the inbox");
@@ -117,6 +129,12 @@ pub fn ack_without_offset(topic: &str) {
 /// A producer generation retired, and why (`batch_deadline`, `fatal_error`).
 pub fn producer_replaced(reason: &'static str) {
     metrics::counter!("outbox_relay_producer_replaced_total", "reason" => reason).increment(1);
+}
+
+/// The outbox's dead tuples and the age of the oldest snapshot on its database.
+pub fn queue_health(dead_tuples: i64, horizon: Duration) {
+    metrics::gauge!("outbox_relay_outbox_dead_tuples").set(dead_tuples as f64);
+    metrics::gauge!("outbox_relay_snapshot_horizon_seconds").set(horizon.as_secs_f64());
 }
 
 /// Inbox outcomes of `consumer`.

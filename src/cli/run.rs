@@ -79,6 +79,10 @@ pub(crate) struct RunArgs {
     /// How often the backlog gauges (/metrics) and the stuck-head check (/readyz) are refreshed.
     #[arg(long, env = "OUTBOX_BACKLOG_INTERVAL", default_value = "5s", value_parser = humantime::parse_duration)]
     backlog_interval: Duration,
+    /// Warn in the log when a snapshot held on the database (a long transaction, a replication
+    /// slot) is older than this: the outbox's deleted rows cannot be cleaned up meanwhile.
+    #[arg(long, env = "OUTBOX_HORIZON_WARN", default_value = "5m", value_parser = humantime::parse_duration)]
+    horizon_warn: Duration,
     /// How long a graceful shutdown (SIGTERM/SIGINT) may take.
     #[arg(long, env = "OUTBOX_SHUTDOWN_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
     shutdown_timeout: Duration,
@@ -145,6 +149,7 @@ pub(crate) async fn run(global: &Global, args: RunArgs) -> Result<(), CliError> 
     };
     config.stuck_threshold = args.stuck_threshold;
     config.backlog_interval = args.backlog_interval;
+    config.horizon_warn = args.horizon_warn;
 
     let shutdown = CancellationToken::new();
     tokio::spawn(stop_on_signal(shutdown.clone()));

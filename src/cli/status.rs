@@ -1,4 +1,5 @@
-//! `outbox-relay status`: backlog, retries, dead letters, instances and lanes, parked keys.
+//! `outbox-relay status`: backlog, retries, dead letters, instances and lanes, queue health (dead
+//! tuples, who holds the oldest snapshot), parked keys.
 
 use clap::Args;
 use outbox_relay::ops;
@@ -52,6 +53,25 @@ pub(crate) async fn run(global: &Global, args: StatusArgs) -> Result<(), CliErro
         println!(
             "lanes without an owner: {:?} (start a relay, or wait for a dead one's lanes to be taken over)",
             s.unowned_lanes
+        );
+    }
+    println!("outbox dead tuples: {}", s.outbox_dead_tuples);
+    match s.oldest_snapshots.first() {
+        None => println!("oldest snapshot: none held"),
+        Some(_) => {
+            println!("oldest snapshots (they keep delivered rows from being cleaned up; every claim walks over them):")
+        }
+    }
+    for h in &s.oldest_snapshots {
+        println!(
+            "  {} pid {} {:?} from {} ({}), open {}, query {:?}",
+            h.kind,
+            h.pid.map_or("-".to_owned(), |p| p.to_string()),
+            h.name,
+            h.client,
+            h.state,
+            h.age_seconds.map_or("?".to_owned(), |a| format!("{a:.0}s")),
+            h.query_prefix.as_deref().unwrap_or("")
         );
     }
     println!("parked keys: {}", s.parked_keys.len());

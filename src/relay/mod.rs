@@ -88,6 +88,8 @@ pub struct RelayConfig {
     pub stuck_threshold: Duration,
     /// How often the backlog gauges are read (the count reads the whole outbox).
     pub backlog_interval: Duration,
+    /// Warn when the oldest snapshot held on the database is older than this.
+    pub horizon_warn: Duration,
     /// This instance's id.
     pub instance_id: Uuid,
 }
@@ -125,6 +127,7 @@ impl RelayConfig {
             metrics_addr: None,
             stuck_threshold: Duration::from_secs(300),
             backlog_interval: Duration::from_secs(5),
+            horizon_warn: Duration::from_secs(300),
             instance_id: Uuid::now_v7(),
         }
     }
@@ -301,6 +304,7 @@ pub async fn run_with_stats(
         registered: false,
         next_maintenance: tokio::time::Instant::now() + config.maintenance_interval,
         pruning: None,
+        horizon_warned: false,
         last_backlog: tokio::time::Instant::now() - Duration::from_secs(60),
     };
     let probe = tokio::spawn(probe_broker(shared.clone(), server_stop.clone()));
@@ -356,6 +360,7 @@ struct Coordinator {
     next_maintenance: tokio::time::Instant,
     pruning: Option<JoinHandle<()>>,
     last_backlog: tokio::time::Instant,
+    horizon_warned: bool,
 }
 
 impl Coordinator {
@@ -561,6 +566,33 @@ impl Coordinator {
         let (rows, oldest, head): (i64, f64, f64) = (row.get(0), row.get(1), row.get(2));
         crate::telemetry::backlog(rows, Duration::from_secs_f64(oldest.max(0.0)));
         self.shared.health.set_oldest_head(Duration::from_secs_f64(head.max(0.0)));
+        self.observe_horizon().await
+    }
+
+    /// The outbox's dead tuples and the age of the oldest snapshot on the database, as metrics;
+    /// a warning (once, until it clears) when that snapshot is older than `--horizon-warn`. The
+    /// relay stays ready: it is not at fault, but every claim slows down while it lasts.
+    async fn observe_horizon(&mut self) -> Result<(), tokio_postgres::Error> {
+        let schema = self.config().schema.clone();
+        let warn_after = self.config().horizon_warn;
+        let Some(control) = self.control().await else { return Ok(()) };
+        let dead = crate::horizon::dead_tuples(control, &schema).await?;
+        let oldest = crate::horizon::snapshot_holders(control, 1).await?.into_iter().next();
+        let age = oldest.as_ref().and_then(|h| h.age_seconds).unwrap_or(0.0).max(0.0);
+        crate::telemetry::queue_health(dead, Duration::from_secs_f64(age));
+        match oldest {
+            Some(h) if age > warn_after.as_secs_f64() => {
+                if !self.horizon_warned {
+                    self.horizon_warned = true;
+                    tracing::warn!(kind = %h.kind, pid = ?h.pid, application = %h.name, client = %h.client,
+                        state = %h.state, age_s = age as u64, dead_tuples = dead,
+                        "an old snapshot holds back the cleanup of delivered rows, so every claim slows down: \
+                         end that transaction (`outbox-relay status` names it; pg_terminate_backend(pid)), or drop \
+                         the replication slot");
+                }
+            }
+            _ => self.horizon_warned = false,
+        }
         Ok(())
     }
 

@@ -470,3 +470,47 @@ async fn no_log_line_carries_a_payload_or_a_password() {
     assert!(bad_err.contains("127.0.0.1:1"), "the error says where it failed: {bad_err}");
     assert!(!bad_err.contains(PASSWORD), "the error hides the password: {bad_err}");
 }
+
+/// While a session holds an old snapshot, the outbox's deleted rows cannot be cleaned up and
+/// every claim slows down: `status` names that session (pid, application, state, age, a query
+/// prefix) and the outbox's dead tuples, and stops naming it once it ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_names_the_session_that_holds_the_oldest_snapshot() {
+    let s = TestSchema::new(2).await;
+    let schema = s.name.as_str();
+    let holder = outbox_relay::db::DbConfig::parse(&database_url())
+        .unwrap()
+        .with_application_name("nightly-report")
+        .connect()
+        .await
+        .unwrap();
+    let pid: i32 = holder.query_one("SELECT pg_backend_pid()", &[]).await.unwrap().get(0);
+    holder.batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ; SELECT count(*) FROM pg_class").await.unwrap();
+    // Rows delivered meanwhile stay as dead tuples.
+    let c = connect().await;
+    c.batch_execute(&s.q("INSERT INTO __SCHEMA__.messages (id, topic, key, payload, headers)
+                          SELECT gen_random_uuid(), 't', 'k', '\\x01', '{}' FROM generate_series(1, 500);
+                          DELETE FROM __SCHEMA__.messages;"))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let status: serde_json::Value = serde_json::from_str(&ok(&cli(&["status", "--schema", schema, "--json"]))).unwrap();
+    let holders = status["oldest_snapshots"].as_array().unwrap().clone();
+    let ours = holders.iter().find(|h| h["pid"] == pid).cloned();
+    let human = ok(&cli(&["status", "--schema", schema]));
+    holder.batch_execute("COMMIT").await.unwrap();
+    let after: serde_json::Value = serde_json::from_str(&ok(&cli(&["status", "--schema", schema, "--json"]))).unwrap();
+    let still_listed = after["oldest_snapshots"].as_array().unwrap().iter().any(|h| h["pid"] == pid);
+    println!(
+        "figures: holders {holders:?}; dead tuples {}; listed after commit {still_listed}",
+        status["outbox_dead_tuples"]
+    );
+    let ours = ours.expect("the session holding the snapshot is named");
+    assert_eq!(ours["kind"], "session");
+    assert_eq!(ours["name"], "nightly-report");
+    assert_eq!(ours["state"], "idle in transaction");
+    assert!(ours["age_seconds"].as_f64().unwrap() >= 1.0, "{ours}");
+    assert!(ours["query_prefix"].as_str().unwrap().starts_with("BEGIN ISOLATION LEVEL REPEATABLE READ"), "{ours}");
+    assert!(human.contains("nightly-report") && human.contains(&pid.to_string()), "{human}");
+    assert!(!still_listed, "a committed transaction holds nothing");
+}
