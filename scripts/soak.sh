@@ -152,11 +152,14 @@ if [ "${SOAK_BUILD:-1}" = 1 ]; then
   section "building the relay and the examples"
   cargo build --quiet --all-features --bin outbox-relay --examples
 fi
-bin=target/debug/outbox-relay
-ex=target/debug/examples
-for b in "$bin" "$ex/demo_writer" "$ex/demo_consumer" "$ex/soak_check"; do
+for b in target/debug/outbox-relay target/debug/examples/{demo_writer,demo_consumer,soak_check}; do
   [ -x "$b" ] || die "$b is missing: cargo build --all-features --bin outbox-relay --examples"
 done
+# A copy of its own: a rebuild of the tree during the soak must not change what it restarts.
+mkdir -p "$run/bin"
+cp target/debug/outbox-relay target/debug/examples/{demo_writer,demo_consumer,soak_check} "$run/bin/"
+bin="$run/bin/outbox-relay"
+ex="$run/bin"
 
 proxy_cmd() {
   local reply=""
