@@ -312,35 +312,12 @@ async fn latency_at(ctx: &Ctx, rate: f64, secs: f64) -> Res<(Histogram<u64>, His
         tokio::spawn(consumer::run(cc, Arc::new(EffectTimes(effects.clone())), cstop.clone(), cstats.clone()));
     tokio::time::sleep(Duration::from_secs(6)).await; // group join
     let n = (rate * secs) as usize;
-    let writers = 8usize;
-    let t0 = Instant::now() + Duration::from_millis(200);
+    // The payload carries the message's due time, so the consumer can measure from it.
     let epoch0 = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_micros() as i64 + 200_000;
-    let mut tasks = Vec::new();
-    for w in 0..writers {
-        let (db, s, topic) = (ctx.db.clone(), s.clone(), topic.clone());
-        tasks.push(tokio::spawn(async move {
-            let c = db.connect().await?;
-            let stmt = c.prepare(&s.qualify("SELECT __SCHEMA__.enqueue($1, $2, convert_to($3, 'UTF8'))")).await?;
-            let mut lags = Vec::new();
-            let mut i = w;
-            while i < n {
-                let due = Duration::from_secs_f64(i as f64 / rate);
-                tokio::time::sleep_until((t0 + due).into()).await;
-                let payload = format!("{}:{}", epoch0 + due.as_micros() as i64, "x".repeat(180));
-                c.execute(&stmt, &[&topic, &format!("key-{}", i % 1000), &payload]).await?;
-                // How late this commit was against its schedule.
-                lags.push(Instant::now().saturating_duration_since(t0 + due).as_micros() as u64);
-                i += writers;
-            }
-            Ok::<Vec<u64>, Box<dyn std::error::Error + Send + Sync>>(lags)
-        }));
-    }
-    let mut lag = Histogram::<u64>::new(3)?;
-    for t in tasks {
-        for l in t.await?? {
-            lag.record(l.max(1))?;
-        }
-    }
+    let lag = paced_writers(ctx, &s, &topic, rate, n, 8, move |_, due| {
+        format!("{}:{}", epoch0 + due.as_micros() as i64, "x".repeat(180))
+    })
+    .await?;
     let deadline = Instant::now() + Duration::from_secs(120);
     while cstats.processed.load(Ordering::Relaxed) < n as u64 && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -386,38 +363,15 @@ async fn gentle_rate(ctx: &Ctx, rate: f64, secs: f64, run: usize) -> Res<(f64, H
     let (claims0, delivered0) =
         (relay.stats.claims.load(Ordering::Relaxed), relay.stats.delivered.load(Ordering::Relaxed));
     let n = (rate * secs) as usize;
-    let writers = 4usize;
-    let t0 = Instant::now() + Duration::from_millis(200);
-    let mut tasks = Vec::new();
-    for w in 0..writers {
-        let (db, s, topic) = (ctx.db.clone(), s.clone(), topic.clone());
-        tasks.push(tokio::spawn(async move {
-            let c = db.connect().await?;
-            let stmt = c.prepare(&s.qualify("SELECT __SCHEMA__.enqueue($1, $2, convert_to($3, 'UTF8'))")).await?;
-            let mut lags = Vec::new();
-            let mut i = w;
-            while i < n {
-                let due = Duration::from_secs_f64(i as f64 / rate);
-                tokio::time::sleep_until((t0 + due).into()).await;
-                let payload = format!(
-                    "{{\"order\":{i},\"customer\":\"c-{}\",\"amount_cents\":{},\"note\":\"{}\"}}",
-                    i % 997,
-                    i * 37 % 9_900,
-                    "x".repeat(120)
-                );
-                c.execute(&stmt, &[&topic, &format!("key-{}", i % 1000), &payload]).await?;
-                lags.push(Instant::now().saturating_duration_since(t0 + due).as_micros() as u64);
-                i += writers;
-            }
-            Ok::<Vec<u64>, Box<dyn std::error::Error + Send + Sync>>(lags)
-        }));
-    }
-    let mut lag = Histogram::<u64>::new(3)?;
-    for t in tasks {
-        for l in t.await?? {
-            lag.record(l.max(1))?;
-        }
-    }
+    let lag = paced_writers(ctx, &s, &topic, rate, n, 4, |i, _| {
+        format!(
+            "{{\"order\":{i},\"customer\":\"c-{}\",\"amount_cents\":{},\"note\":\"{}\"}}",
+            i % 997,
+            i * 37 % 9_900,
+            "x".repeat(120)
+        )
+    })
+    .await?;
     let deadline = Instant::now() + Duration::from_secs(60);
     while backlog(ctx, &s).await? > 0 && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -433,6 +387,46 @@ async fn gentle_rate(ctx: &Ctx, rate: f64, secs: f64, run: usize) -> Res<(f64, H
         ack.record(r.get::<_, i64>(0).max(1) as u64)?;
     }
     Ok((claims as f64 / delivered.max(1) as f64, ack, lag))
+}
+
+/// `writers` sessions commit `n` messages (one per transaction, `enqueue`) at `rate` in all, open
+/// loop: message `i` is due at `t0 + i / rate`, and a writer that falls behind shows up in the
+/// returned histogram of how late each commit was (µs), not as a lower rate.
+async fn paced_writers(
+    ctx: &Ctx,
+    s: &SchemaName,
+    topic: &str,
+    rate: f64,
+    n: usize,
+    writers: usize,
+    payload: impl Fn(usize, Duration) -> String + Send + Sync + Clone + 'static,
+) -> Res<Histogram<u64>> {
+    let t0 = Instant::now() + Duration::from_millis(200);
+    let mut tasks = Vec::new();
+    for w in 0..writers {
+        let (db, s, topic, payload) = (ctx.db.clone(), s.clone(), topic.to_owned(), payload.clone());
+        tasks.push(tokio::spawn(async move {
+            let c = db.connect().await?;
+            let stmt = c.prepare(&s.qualify("SELECT __SCHEMA__.enqueue($1, $2, convert_to($3, 'UTF8'))")).await?;
+            let mut lags = Vec::new();
+            let mut i = w;
+            while i < n {
+                let due = Duration::from_secs_f64(i as f64 / rate);
+                tokio::time::sleep_until((t0 + due).into()).await;
+                c.execute(&stmt, &[&topic, &format!("key-{}", i % 1000), &payload(i, due)]).await?;
+                lags.push(Instant::now().saturating_duration_since(t0 + due).as_micros() as u64);
+                i += writers;
+            }
+            Ok::<Vec<u64>, Box<dyn std::error::Error + Send + Sync>>(lags)
+        }));
+    }
+    let mut lag = Histogram::<u64>::new(3)?;
+    for t in tasks {
+        for l in t.await?? {
+            lag.record(l.max(1))?;
+        }
+    }
+    Ok(lag)
 }
 
 /// How many single-message transactions per second 8 writers commit (closed loop, 3 s).
