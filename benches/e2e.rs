@@ -260,7 +260,7 @@ async fn relay_rate(ctx: &Ctx, s: &SchemaName, topic: &str, n: usize, size: usiz
 fn pct(h: &Histogram<u64>) -> String {
     let ms = |v: u64| v as f64 / 1000.0;
     format!(
-        "{:.2} | {:.2} | {:.2} | {:.2}",
+        "{:.2} / {:.2} / {:.2} / {:.2}",
         ms(h.value_at_quantile(0.5)),
         ms(h.value_at_quantile(0.99)),
         ms(h.value_at_quantile(0.999)),

@@ -208,7 +208,8 @@ start_writer() { # slot
   writer_pid[$i]=$!; writer_restart_at[$i]=0
 }
 start_consumer() {
-  DATABASE_URL=$(url_with_app soak-consumer) DEMO_CRASH_ON_SIGUSR1=1 \
+  # Rebalances (partitions revoked and assigned) are logged at info: keep them in consumer.log.
+  DATABASE_URL=$(url_with_app soak-consumer) DEMO_CRASH_ON_SIGUSR1=1 OUTBOX_LOG="$OUTBOX_LOG,outbox_relay::consumer=info" \
     DEMO_KAFKA_PROPERTIES="${SOAK_CONSUMER_PROPERTIES:-}" "$ex/demo_consumer" >>"$run/consumer.log" 2>&1 </dev/null &
   consumer_pid=$!; consumer_restart_at=0; consumer_started_ms=$(now_ms)
 }

@@ -344,21 +344,7 @@ pub async fn run<H: Handler>(
         tokio::select! {
             _ = shutdown.cancelled() => break,
             _ = abort.cancelled() => break,
-            revoked = events.recv() => {
-                for key in revoked.unwrap_or_default() {
-                    // Its worker finishes the message in hand; the rest goes to the next owner.
-                    if let Some(w) = workers.remove(&key) {
-                        w.revoked.cancel();
-                        // librdkafka keeps an application pause across revoke and re-assign:
-                        // lift it, or the partition would stay paused if it comes back.
-                        if w.paused {
-                            let mut tpl = rdkafka::TopicPartitionList::new();
-                            tpl.add_partition(&key.0, key.1);
-                            let _ = shared.consumer.resume(&tpl);
-                        }
-                    }
-                }
-            }
+            revoked = events.recv() => release_revoked(&shared, &mut workers, revoked.unwrap_or_default()),
             _ = backpressure.tick() => {
                 for ((topic, partition), w) in workers.iter_mut() {
                     if w.paused && w.depth.load(Ordering::Relaxed) < RESUME_BELOW {
@@ -378,6 +364,13 @@ pub async fn run<H: Handler>(
                         continue;
                     }
                 };
+                // A revoke reported by the poll that returned this message must take effect before
+                // it is handed out: if its partition was revoked and assigned again in that poll,
+                // the old worker (about to drop what it holds) must not get it, or a new worker
+                // would store later offsets past a message nobody applied.
+                while let Ok(revoked) = events.try_recv() {
+                    release_revoked(&shared, &mut workers, revoked);
+                }
                 let msg = match &m { ConsumedOrBad::Ok(x) | ConsumedOrBad::NoId(x, _) => x };
                 let key = (msg.topic.clone(), msg.partition);
                 let worker = workers.entry(key.clone()).or_insert_with(|| {
@@ -423,6 +416,27 @@ pub async fn run<H: Handler>(
     match failure {
         Some(e) => Err(e),
         None => Ok(()),
+    }
+}
+
+/// Lets go of revoked partitions: each worker finishes the message in hand and drops the rest,
+/// which the next owner (perhaps this consumer again) fetches from the committed offset.
+fn release_revoked<H: Handler>(
+    shared: &Shared<H>,
+    workers: &mut HashMap<(String, i32), Worker>,
+    revoked: Vec<(String, i32)>,
+) {
+    for key in revoked {
+        if let Some(w) = workers.remove(&key) {
+            w.revoked.cancel();
+            // librdkafka keeps an application pause across revoke and re-assign: lift it, or the
+            // partition would stay paused if it comes back.
+            if w.paused {
+                let mut tpl = rdkafka::TopicPartitionList::new();
+                tpl.add_partition(&key.0, key.1);
+                let _ = shared.consumer.resume(&tpl);
+            }
+        }
     }
 }
 
