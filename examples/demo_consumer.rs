@@ -7,7 +7,7 @@
 //! ```
 //! Environment: `DATABASE_URL`, `KAFKA_BROKERS`, `OUTBOX_SCHEMA` (default `outbox`, where the
 //! inbox lives), `DEMO_TOPIC` (default `demo.orders`), `DEMO_GROUP` (default `demo-totals`),
-//! `DEMO_BATCH` (messages per transaction, default 100).
+//! `DEMO_BATCH` (messages per transaction, default 100), `OUTBOX_LOG` (log level, default `warn`).
 //!
 //! For fault tests (`scripts/soak.sh`), both off by default:
 //! - `DEMO_CRASH_ON_SIGUSR1=1`: SIGUSR1 arms a crash; the runner then stops right after its next
@@ -50,6 +50,14 @@ impl Handler for CustomerTotals {
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    // Log lines (rebalances, retries, dead letters) to standard error, at OUTBOX_LOG's level
+    // (`warn` by default), when the crate is built with the daemon's logging.
+    #[cfg(feature = "relay")]
+    {
+        let filter = tracing_subscriber::EnvFilter::try_from_env("OUTBOX_LOG")
+            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+        tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    }
     // Installed first, so that a SIGUSR1 never finds the default action (terminate) in place.
     let crash_armed = Arc::new(AtomicBool::new(false));
     let crash_on_sigusr1 = std::env::var("DEMO_CRASH_ON_SIGUSR1").is_ok_and(|v| v == "1");
