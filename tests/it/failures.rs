@@ -18,7 +18,7 @@ use crate::support::kafka::{create_topic, figures, read_topic, read_topic_from};
 use crate::support::pg_tls::TlsPostgres;
 use crate::support::proxy::Proxy;
 use crate::support::relay::{config, InProcess};
-use crate::support::workload::{wait_until_empty, write_concurrently, write_paced};
+use crate::support::workload::{wait_until_empty, wait_until_empty_on, write_concurrently, write_paced};
 use crate::support::{connect, count, database_url, unique_name, TestSchema};
 
 fn mock_with_topic(partitions: i32) -> (MockCluster<'static, rdkafka::producer::DefaultProducerContext>, String) {
@@ -84,11 +84,7 @@ async fn mock_cluster_acknowledges_a_row_it_never_wrote_when_requests_overlap() 
         cfg.producer.message_timeout = Duration::from_secs(20);
         cfg.archive = true;
         let relay = InProcess::start(cfg);
-        let start = Instant::now();
-        while relay.stats.lanes_acquired.load(Ordering::Relaxed) < 2 {
-            assert!(start.elapsed() < Duration::from_secs(30), "the relay took its lanes");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        relay.wait_lanes(2, Duration::from_secs(30)).await;
         // Warm the producer (metadata, producer id) so that the two rows below are sent at once.
         enqueue_one(&s, &topic, &keys[0]).await;
         wait_until_empty(&s, Duration::from_secs(30)).await;
@@ -745,30 +741,12 @@ async fn rows_whose_delete_a_database_crash_lost_are_delivered_again() {
         committed.extend(ids.into_iter().zip(batch.iter().map(|m| m.key().unwrap().to_owned())));
     }
     // The moment the relay has deleted the last acknowledged row: crash the server.
-    let start = Instant::now();
-    loop {
-        let left: i64 =
-            admin.query_one(&schema.qualify("SELECT count(*) FROM __SCHEMA__.messages"), &[]).await.unwrap().get(0);
-        if left == 0 {
-            break;
-        }
-        assert!(start.elapsed() < Duration::from_secs(60), "{left} rows left");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    wait_until_empty_on(&admin, &schema, Duration::from_secs(60), Duration::from_millis(5)).await;
     server.crash_and_restart();
     let admin = db.connect().await.unwrap();
     let came_back: i64 =
         admin.query_one(&schema.qualify("SELECT count(*) FROM __SCHEMA__.messages"), &[]).await.unwrap().get(0);
-    let start = Instant::now();
-    loop {
-        let left: i64 =
-            admin.query_one(&schema.qualify("SELECT count(*) FROM __SCHEMA__.messages"), &[]).await.unwrap().get(0);
-        if left == 0 {
-            break;
-        }
-        assert!(start.elapsed() < Duration::from_secs(90), "{left} rows left after the crash");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_until_empty_on(&admin, &schema, Duration::from_secs(90), Duration::from_millis(100)).await;
     let stats = relay.shutdown().await;
     let received = read_topic(&topic, committed.len(), Duration::from_secs(60));
     let f = figures(&committed, &received);

@@ -275,11 +275,7 @@ async fn idle_relay_waits_on_notify_and_sends_new_rows_promptly() {
     let relay = InProcess::start(cfg);
     // Let it take its lanes and settle.
     let c = connect().await;
-    let start = Instant::now();
-    while relay.stats.lanes_acquired.load(Ordering::Relaxed) < 4 {
-        assert!(start.elapsed() < Duration::from_secs(20), "lanes not acquired");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    relay.wait_lanes(4, Duration::from_secs(20)).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let claims_before = relay.stats.claims.load(Ordering::Relaxed);
     tokio::time::sleep(Duration::from_secs(3)).await;
@@ -492,11 +488,7 @@ async fn a_row_at_a_gentle_rate_costs_about_one_claim() {
     let mut cfg = config(&s.name);
     cfg.poll_interval = Duration::from_secs(600); // only NOTIFY wakes a lane in this test
     let relay = InProcess::start(cfg);
-    let start = Instant::now();
-    while relay.stats.lanes_acquired.load(Ordering::Relaxed) < 16 {
-        assert!(start.elapsed() < Duration::from_secs(30), "lanes not acquired");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    relay.wait_lanes(16, Duration::from_secs(30)).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let claims_before = relay.stats.claims.load(Ordering::Relaxed);
     // 200 single-row transactions, 10 ms apart, keys spread over every lane.

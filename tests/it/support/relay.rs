@@ -37,6 +37,15 @@ impl InProcess {
         Self { stop, stats, task }
     }
 
+    /// Waits until the relay has taken `n` lanes (counting every acquisition); panics after `within`.
+    pub async fn wait_lanes(&self, n: u64, within: Duration) {
+        let start = std::time::Instant::now();
+        while self.stats.lanes_acquired.load(std::sync::atomic::Ordering::Relaxed) < n {
+            assert!(start.elapsed() < within, "the relay took fewer than {n} lanes in {within:?}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// Graceful shutdown; panics if the relay failed.
     pub async fn shutdown(self) -> Arc<RelayStats> {
         self.stop.cancel();

@@ -6,6 +6,9 @@ use outbox_relay::outbox::{Outbox, OutboxMessage};
 use rand::Rng;
 use uuid::Uuid;
 
+use outbox_relay::schema::SchemaName;
+use tokio_postgres::Client;
+
 use super::{connect, count, TestSchema};
 
 /// Writes `per_writer` rows from each of `writers` concurrent writers, in transactions of 1 to
@@ -64,14 +67,18 @@ pub async fn write_paced(
 }
 
 pub async fn wait_until_empty(s: &TestSchema, within: Duration) -> Duration {
-    let c = connect().await;
+    wait_until_empty_on(&connect().await, &s.name, within, Duration::from_millis(100)).await
+}
+
+/// [`wait_until_empty`] on any client and schema (a test's own server), looking every `poll`.
+pub async fn wait_until_empty_on(c: &Client, schema: &SchemaName, within: Duration, poll: Duration) -> Duration {
     let start = Instant::now();
     loop {
-        let left = count(&c, &s.q("SELECT count(*) FROM __SCHEMA__.messages")).await;
+        let left = count(c, &schema.qualify("SELECT count(*) FROM __SCHEMA__.messages")).await;
         if left == 0 {
             return start.elapsed();
         }
         assert!(start.elapsed() < within, "{left} rows still in the outbox after {within:?}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        tokio::time::sleep(poll).await;
     }
 }
