@@ -10,6 +10,8 @@
 //! 4. Inbox cost: consumer throughput without inbox, per-message inbox, batch inbox; 0% and 50%
 //!    duplicates.
 //! 5. Scaling: 1, 2 and 4 relay instances on one database.
+//! 6. Gentle rates: claims per delivered row and commit→ack at 200/s and 1,000/s.
+//! 7. Held snapshot: the same load on two databases at once, one with a transaction held open.
 
 #![allow(missing_docs)]
 
@@ -401,10 +403,23 @@ async fn paced_writers(
     writers: usize,
     payload: impl Fn(usize, Duration) -> String + Send + Sync + Clone + 'static,
 ) -> Res<Histogram<u64>> {
+    paced_writers_on(&ctx.db, s, topic, rate, n, writers, payload).await
+}
+
+/// [`paced_writers`] on any database.
+async fn paced_writers_on(
+    db: &DbConfig,
+    s: &SchemaName,
+    topic: &str,
+    rate: f64,
+    n: usize,
+    writers: usize,
+    payload: impl Fn(usize, Duration) -> String + Send + Sync + Clone + 'static,
+) -> Res<Histogram<u64>> {
     let t0 = Instant::now() + Duration::from_millis(200);
     let mut tasks = Vec::new();
     for w in 0..writers {
-        let (db, s, topic, payload) = (ctx.db.clone(), s.clone(), topic.to_owned(), payload.clone());
+        let (db, s, topic, payload) = (db.clone(), s.clone(), topic.to_owned(), payload.clone());
         tasks.push(tokio::spawn(async move {
             let c = db.connect().await?;
             let stmt = c.prepare(&s.qualify("SELECT __SCHEMA__.enqueue($1, $2, convert_to($3, 'UTF8'))")).await?;
@@ -601,6 +616,177 @@ async fn gentle_rates(ctx: &mut Ctx, secs: f64) -> Res<()> {
     Ok(())
 }
 
+/// One arm of section 7: a database of its own (a held snapshot holds back cleanup only in its
+/// own database), 16 lanes, paced writers, the relay with `--archive`; every `window` the claim
+/// count and time, the outbox's dead tuples and its table and index sizes.
+struct ArmWindow {
+    claims: u64,
+    claim_micros: u64,
+    dead_tuples: i64,
+    table_bytes: i64,
+    index_bytes: i64,
+}
+
+async fn held_snapshot_arm(
+    ctx: &Ctx,
+    name: &str,
+    hold: bool,
+    rate: f64,
+    total: Duration,
+    window: Duration,
+) -> Res<(Vec<ArmWindow>, Vec<(f64, f64, i64)>, Histogram<u64>)> {
+    let dbname = format!("bench_{name}_{}", ctx.run_id);
+    let admin = ctx.db.connect().await?;
+    admin.batch_execute(&format!("DROP DATABASE IF EXISTS {dbname}")).await?;
+    admin.batch_execute(&format!("CREATE DATABASE {dbname}")).await?;
+    let url = std::env::var("DATABASE_URL")?;
+    let (base, query) = url.split_once('?').map_or((url.as_str(), ""), |(b, q)| (b, q));
+    let base = &base[..base.rfind('/').ok_or("DATABASE_URL has no database name")?];
+    let url = if query.is_empty() { format!("{base}/{dbname}") } else { format!("{base}/{dbname}?{query}") };
+    let db = DbConfig::parse(&url)?.with_statement_timeout(None);
+    let s = SchemaName::new("outbox")?;
+    schema::migrate(&mut db.connect().await?, &s, Some(16)).await?;
+    let topic = ctx.topic(&format!("held{name}"), 4).await?;
+    let mut holder = db.connect().await?;
+    let held = if hold {
+        let tx =
+            holder.build_transaction().isolation_level(tokio_postgres::IsolationLevel::RepeatableRead).start().await?;
+        tx.query_one("SELECT count(*) FROM pg_class", &[]).await?;
+        Some(tx)
+    } else {
+        None
+    };
+    let mut rc = ctx.relay_config(&s);
+    rc.db = db.clone();
+    rc.archive = true;
+    let relay = start_relay(rc);
+    relay.wait_lanes(16).await;
+    let n = (rate * total.as_secs_f64()) as usize;
+    let writers = tokio::spawn({
+        let (db, s, topic) = (db.clone(), s.clone(), topic.clone());
+        async move {
+            paced_writers_on(&db, &s, &topic, rate, n, 4, |i, _| {
+                format!(
+                    "{{\"order\":{i},\"customer\":\"c-{}\",\"amount_cents\":{},\"note\":\"{}\"}}",
+                    i % 997,
+                    i * 37 % 9_900,
+                    "x".repeat(120)
+                )
+            })
+            .await
+        }
+    });
+    let observer = db.connect().await?;
+    let mut windows = Vec::new();
+    let started = Instant::now();
+    let (mut claims0, mut micros0) = (0, 0);
+    let mut next = started + window;
+    while next <= started + total + Duration::from_millis(500) {
+        tokio::time::sleep_until(next.into()).await;
+        next += window;
+        let claims = relay.stats.claims.load(Ordering::Relaxed);
+        let micros = relay.stats.claim_micros.load(Ordering::Relaxed);
+        let r = observer
+            .query_one(
+                "SELECT coalesce(n_dead_tup, 0), pg_relation_size(relid), pg_indexes_size(relid)
+                 FROM pg_stat_user_tables WHERE relid = 'outbox.messages'::regclass",
+                &[],
+            )
+            .await?;
+        windows.push(ArmWindow {
+            claims: claims - claims0,
+            claim_micros: micros - micros0,
+            dead_tuples: r.get(0),
+            table_bytes: r.get(1),
+            index_bytes: r.get(2),
+        });
+        (claims0, micros0) = (claims, micros);
+    }
+    let lag = writers.await??;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while observer.query_one("SELECT count(*) FROM outbox.messages", &[]).await?.get::<_, i64>(0) > 0
+        && Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    relay.stop().await?;
+    if let Some(tx) = held {
+        tx.rollback().await?;
+    }
+    // commit→ack per window of commit time: p50, p99 (ms) and rows.
+    let per_window = observer
+        .query(
+            "SELECT percentile_disc(0.5) WITHIN GROUP (ORDER BY lat), percentile_disc(0.99) WITHIN GROUP (ORDER BY lat), count(*)
+             FROM (SELECT floor(extract(epoch FROM created_at - min(created_at) OVER ()) / $1) AS w,
+                          extract(epoch FROM delivered_at - created_at) * 1000 AS lat
+                   FROM outbox.delivered) d
+             GROUP BY w ORDER BY w",
+            &[&window.as_secs_f64()],
+        )
+        .await?
+        .iter()
+        .map(|r| (r.get::<_, f64>(0), r.get::<_, f64>(1), r.get::<_, i64>(2)))
+        .collect();
+    drop(observer);
+    drop(holder);
+    admin.batch_execute(&format!("DROP DATABASE IF EXISTS {dbname} WITH (FORCE)")).await?;
+    Ok((windows, per_window, lag))
+}
+
+/// Section 7: the same load on two databases at once, one with a REPEATABLE READ transaction held
+/// open for the whole run; per window, commit→ack, claims and their mean time, dead tuples, and
+/// the outbox's table and index sizes.
+async fn held_snapshot(ctx: &mut Ctx, rate: f64, total: Duration, window: Duration) -> Res<()> {
+    ctx.say(&format!(
+        "\n## 7. Held snapshot ({rate:.0} msg/s on each of two databases at once, 16 lanes, 4 writers each, {} min; \
+         one database has a REPEATABLE READ transaction open throughout)\n",
+        total.as_secs() / 60
+    ));
+    let (free, held) = tokio::join!(
+        held_snapshot_arm(ctx, "free", false, rate, total, window),
+        held_snapshot_arm(ctx, "held", true, rate, total, window)
+    );
+    let ((fw, fl, flag), (hw, hl, hlag)) = (free?, held?);
+    ctx.say("| window (min) | commit→ack p50 / p99 (ms), no snapshot | held snapshot | p99 held / free | claims, mean claim time (µs): free / held | dead tuples: free / held | table + indexes (MB): free / held |");
+    ctx.say("|---|---|---|---|---|---|---|");
+    let mb = |w: &ArmWindow| (w.table_bytes + w.index_bytes) as f64 / 1e6;
+    for i in 0..fw.len().min(hw.len()) {
+        let (f, h) = (&fw[i], &hw[i]);
+        let (fp, hp) = (fl.get(i).copied().unwrap_or_default(), hl.get(i).copied().unwrap_or_default());
+        ctx.say(&format!(
+            "| {:.0}–{:.0} | {:.1} / {:.1} | {:.1} / {:.1} | {:.2} | {} , {:.0} / {} , {:.0} | {} / {} | {:.1} / {:.1} |",
+            (i as f64) * window.as_secs_f64() / 60.0,
+            (i as f64 + 1.0) * window.as_secs_f64() / 60.0,
+            fp.0,
+            fp.1,
+            hp.0,
+            hp.1,
+            hp.1 / fp.1.max(0.001),
+            f.claims,
+            f.claim_micros as f64 / f.claims.max(1) as f64,
+            h.claims,
+            h.claim_micros as f64 / h.claims.max(1) as f64,
+            f.dead_tuples,
+            h.dead_tuples,
+            mb(f),
+            mb(h)
+        ));
+    }
+    if let (Some(f), Some(h)) = (fw.last(), hw.last()) {
+        ctx.say(&format!(
+            "\nAt the end: outbox table {:.1} MB + indexes {:.1} MB without a snapshot, {:.1} MB + {:.1} MB with one. \
+             Writer lag p99: {:.1} ms / {:.1} ms.",
+            f.table_bytes as f64 / 1e6,
+            f.index_bytes as f64 / 1e6,
+            h.table_bytes as f64 / 1e6,
+            h.index_bytes as f64 / 1e6,
+            flag.value_at_quantile(0.99) as f64 / 1000.0,
+            hlag.value_at_quantile(0.99) as f64 / 1000.0
+        ));
+    }
+    Ok(())
+}
+
 #[tokio::main(flavor = "multi_thread")]
 async fn main() -> Res<()> {
     let short = std::env::args().any(|a| a == "--short");
@@ -747,6 +933,22 @@ async fn main() -> Res<()> {
     // 6. Gentle rates: work per row and latency where users feel it.
     if run(6) {
         gentle_rates(&mut ctx, if short { 10.0 } else { 20.0 }).await?;
+    }
+    // 7. Held snapshot: BENCH_HELD_MINUTES long (10 by default, 2 with --short), ten windows.
+    if run(7) {
+        let minutes: f64 = match std::env::var("BENCH_HELD_MINUTES") {
+            Ok(m) => m.parse().map_err(|_| format!("BENCH_HELD_MINUTES={m:?} is not a number of minutes"))?,
+            Err(_) => {
+                if short {
+                    2.0
+                } else {
+                    10.0
+                }
+            }
+        };
+        let rate: f64 = std::env::var("BENCH_HELD_RATE").ok().and_then(|r| r.parse().ok()).unwrap_or(1000.0);
+        let total = Duration::from_secs_f64(minutes * 60.0);
+        held_snapshot(&mut ctx, rate, total, total / 10).await?;
     }
 
     std::fs::create_dir_all("target/bench")?;

@@ -292,9 +292,17 @@ pub async fn discard(
     let n = match source {
         Source::Relay => {
             let ids: Vec<Uuid> = ids.iter().filter_map(|i| Uuid::parse_str(i).ok()).collect();
-            tx.query(&schema.qualify(include_str!("sql/discard_dead_letters.sql")), &[&ids, &audit.actor, &audit.why])
-                .await?
-                .len()
+            let gone = tx
+                .query(&schema.qualify(include_str!("sql/discard_dead_letters.sql")), &[&ids, &audit.actor, &audit.why])
+                .await?;
+            // Rows of an unparked key sit below the relay's claim cursor: announce them, as a
+            // late row's insert does.
+            let keys: Vec<String> = gone.iter().filter_map(|r| r.get::<_, Option<String>>("key")).collect();
+            if !keys.is_empty() {
+                tx.query(&schema.qualify(include_str!("sql/announce_keys.sql")), &[&schema.notify_channel(), &keys])
+                    .await?;
+            }
+            gone.len()
         }
         Source::Inbox => {
             let ids: Vec<i64> = ids.iter().filter_map(|i| i.parse().ok()).collect();

@@ -118,6 +118,7 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "0007_queue_autovacuum.sql",
         sql: include_str!("../schema/0007_queue_autovacuum.sql"),
     },
+    Migration { version: 8, name: "0008_claim_cursor.sql", sql: include_str!("../schema/0008_claim_cursor.sql") },
 ];
 
 impl Migration {

@@ -16,6 +16,8 @@
 //! | `outbox_relay_producer_replaced_total` | counter | reason | producer generations retired |
 //! | `outbox_relay_outbox_dead_tuples` | gauge | | dead row versions in the outbox table |
 //! | `outbox_relay_snapshot_horizon_seconds` | gauge | | age of the oldest snapshot held on the database |
+//! | `outbox_relay_claim_seconds` | histogram | | time one claim query took |
+//! | `outbox_relay_sweep_found_total` | counter | | rows the sweep found behind a lane's claim cursor |
 //! | `outbox_inbox_processed_total` | counter | consumer | effects applied |
 //! | `outbox_inbox_duplicates_total` | counter | consumer | redeliveries skipped |
 //! | `outbox_inbox_conflicts_total` | counter | consumer | same id, other payload |
@@ -64,6 +66,12 @@ pub fn describe() {
         Unit::Seconds,
         "Age of the oldest snapshot held on the database (it keeps deleted outbox rows from being cleaned up)"
     );
+    describe_histogram!("outbox_relay_claim_seconds", Unit::Seconds, "Time one claim query of a lane took");
+    describe_counter!(
+        "outbox_relay_sweep_found_total",
+        Unit::Count,
+        "Rows the sweep found behind a lane's claim cursor (no NOTIFY announced them)"
+    );
     describe_counter!("outbox_inbox_processed_total", Unit::Count, "Messages whose effect was applied");
     describe_counter!("outbox_inbox_duplicates_total", Unit::Count, "Redeliveries skipped by the inbox");
     describe_counter!("outbox_inbox_conflicts_total", Unit::Count, "Messages with a known id and another payload");
@@ -73,6 +81,16 @@ pub fn describe() {
         "Consumed messages moved to the inbox dead letters"
     );
     describe_histogram!("outbox_inbox_handler_seconds", Unit::Seconds, "Time the consumer's handler took");
+}
+
+/// One claim query took `d`.
+pub fn claim_time(d: Duration) {
+    metrics::histogram!("outbox_relay_claim_seconds").record(d.as_secs_f64());
+}
+
+/// The sweep found rows behind a lane's claim cursor.
+pub fn sweep_found(n: u64) {
+    metrics::counter!("outbox_relay_sweep_found_total").increment(n);
 }
 
 /// Rows of `topic` delivered.

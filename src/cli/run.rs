@@ -83,6 +83,10 @@ pub(crate) struct RunArgs {
     /// slot) is older than this: the outbox's deleted rows cannot be cleaned up meanwhile.
     #[arg(long, env = "OUTBOX_HORIZON_WARN", default_value = "5m", value_parser = humantime::parse_duration)]
     horizon_warn: Duration,
+    /// How often a slow sweep looks below each lane's claim cursor for rows no NOTIFY announced
+    /// (written with triggers disabled); it bounds their delay.
+    #[arg(long, env = "OUTBOX_SWEEP_INTERVAL", default_value = "30s", value_parser = humantime::parse_duration)]
+    sweep_interval: Duration,
     /// How long a graceful shutdown (SIGTERM/SIGINT) may take.
     #[arg(long, env = "OUTBOX_SHUTDOWN_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
     shutdown_timeout: Duration,
@@ -150,6 +154,7 @@ pub(crate) async fn run(global: &Global, args: RunArgs) -> Result<(), CliError> 
     config.stuck_threshold = args.stuck_threshold;
     config.backlog_interval = args.backlog_interval;
     config.horizon_warn = args.horizon_warn;
+    config.sweep_interval = args.sweep_interval;
 
     let shutdown = CancellationToken::new();
     tokio::spawn(stop_on_signal(shutdown.clone()));

@@ -177,9 +177,11 @@ impl LaneSession {
         &self.closed
     }
 
-    /// The head of the lane, in sequence order.
-    pub async fn claim(&self, limit: i64) -> Result<Vec<ClaimedRow>, LaneDbError> {
-        let rows = timed(self.call_timeout, self.client.query(&self.claim, &[&self.lane, &limit])).await?;
+    /// The lane's pending rows with sequences `from..=to`, in sequence order. Starting at the lane
+    /// loop's cursor rather than at the lane's start keeps the index scan clear of the rows
+    /// deleted below it, which an old snapshot elsewhere keeps from being cleaned up.
+    pub async fn claim(&self, from: i64, to: i64, limit: i64) -> Result<Vec<ClaimedRow>, LaneDbError> {
+        let rows = timed(self.call_timeout, self.client.query(&self.claim, &[&self.lane, &limit, &from, &to])).await?;
         Ok(rows
             .iter()
             .map(|r| {

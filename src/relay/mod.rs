@@ -12,7 +12,9 @@ pub mod breaker;
 pub mod claim;
 pub mod envelope;
 pub mod kafka;
+mod lanes;
 pub(crate) mod producer;
+mod sweep;
 pub(crate) mod worker;
 
 use std::collections::{BTreeMap, HashMap};
@@ -22,7 +24,6 @@ use std::time::Duration;
 
 use rand::seq::SliceRandom;
 use rdkafka::producer::Producer;
-use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_postgres::Client;
 use tokio_util::sync::CancellationToken;
@@ -33,6 +34,7 @@ use crate::retry::Backoff;
 use crate::schema::{self, MigrateError, SchemaName};
 use claim::LaneSession;
 use kafka::{KafkaConfigError, ProducerSettings};
+use lanes::LaneSignals;
 use worker::LaneExit;
 
 /// Everything a relay instance is configured with.
@@ -82,6 +84,8 @@ pub struct RelayConfig {
     pub db_call_timeout: Duration,
     /// How often archived rows and expired idempotency keys are pruned.
     pub maintenance_interval: Duration,
+    /// How often the sweep looks below each lane's claim cursor for rows no NOTIFY announced.
+    pub sweep_interval: Duration,
     /// Serve `/metrics`, `/healthz` and `/readyz` here.
     pub metrics_addr: Option<std::net::SocketAddr>,
     /// `/readyz` fails when the head of an owned lane is older than this.
@@ -124,6 +128,7 @@ impl RelayConfig {
             breaker: breaker::BreakerSettings::default(),
             db_call_timeout: Duration::from_secs(35),
             maintenance_interval: Duration::from_secs(60),
+            sweep_interval: Duration::from_secs(30),
             metrics_addr: None,
             stuck_threshold: Duration::from_secs(300),
             backlog_interval: Duration::from_secs(5),
@@ -188,6 +193,10 @@ pub struct RelayStats {
     pub lanes_acquired: AtomicU64,
     /// Claim queries run (an idle relay runs few: it waits on NOTIFY).
     pub claims: AtomicU64,
+    /// Time spent in claim queries, in microseconds (divide by `claims` for the mean).
+    pub claim_micros: AtomicU64,
+    /// Rows the sweep found behind a lane's claim cursor (no NOTIFY announced them).
+    pub swept: AtomicU64,
     /// Archived rows and expired idempotency keys pruned.
     pub pruned: AtomicU64,
     /// Failed attempts recorded for a later retry.
@@ -232,7 +241,7 @@ pub(crate) struct Shared {
     pub(crate) producer: producer::ProducerSlot,
     /// The dead-letter mirror's own producer (with `--dlq-topic`).
     pub(crate) mirror: Option<rdkafka::producer::FutureProducer>,
-    pub(crate) wakes: LaneWakes,
+    pub(crate) signals: LaneSignals,
     pub(crate) source: String,
     pub(crate) stats: Arc<RelayStats>,
 }
@@ -267,10 +276,10 @@ pub async fn run_with_stats(
         Some(_) => Some(producer::mirror_producer(&config.producer)?),
         None => None,
     };
-    let wakes = LaneWakes::new(info.lanes);
+    let signals = LaneSignals::new(info.lanes);
     let listener_stop = CancellationToken::new();
     let listener =
-        tokio::spawn(listen(config.db.clone(), config.schema.notify_channel(), wakes.clone(), listener_stop.clone()));
+        tokio::spawn(listen(config.db.clone(), config.schema.notify_channel(), signals.clone(), listener_stop.clone()));
     let source = config.source.clone().unwrap_or_else(|| format!("/outbox-relay/{}", config.schema));
     let health = Arc::new(crate::health::Health::new(config.stuck_threshold));
     let server_stop = CancellationToken::new();
@@ -288,7 +297,7 @@ pub async fn run_with_stats(
         breaker: breaker::Breaker::new(config.breaker, stats.clone()),
         producer,
         mirror,
-        wakes,
+        signals,
         source,
         stats: stats.clone(),
     });
@@ -304,6 +313,8 @@ pub async fn run_with_stats(
         registered: false,
         next_maintenance: tokio::time::Instant::now() + config.maintenance_interval,
         pruning: None,
+        next_sweep: tokio::time::Instant::now() + config.sweep_interval,
+        sweeping: None,
         horizon_warned: false,
         last_backlog: tokio::time::Instant::now() - Duration::from_secs(60),
     };
@@ -335,6 +346,9 @@ pub async fn run_with_stats(
     if tokio::time::timeout(Duration::from_secs(5), coordinator.deregister()).await.is_err() {
         tracing::warn!("could not deregister in time; the instance row expires by itself");
     }
+    if let Some(sweeping) = coordinator.sweeping.take() {
+        sweeping.abort();
+    }
     if let Some(pruning) = coordinator.pruning.take() {
         pruning.abort();
     }
@@ -359,6 +373,8 @@ struct Coordinator {
     registered: bool,
     next_maintenance: tokio::time::Instant,
     pruning: Option<JoinHandle<()>>,
+    next_sweep: tokio::time::Instant,
+    sweeping: Option<JoinHandle<()>>,
     last_backlog: tokio::time::Instant,
     horizon_warned: bool,
 }
@@ -427,6 +443,10 @@ impl Coordinator {
         {
             self.next_maintenance = tokio::time::Instant::now() + self.config().maintenance_interval;
             self.pruning = Some(tokio::spawn(prune(self.shared.clone())));
+        }
+        if tokio::time::Instant::now() >= self.next_sweep && self.sweeping.as_ref().is_none_or(|t| t.is_finished()) {
+            self.next_sweep = tokio::time::Instant::now() + self.config().sweep_interval;
+            self.sweeping = Some(tokio::spawn(sweep::sweep(self.shared.clone())));
         }
         let fair = (self.lanes_total as usize).div_ceil(live.max(1) as usize);
         let target = self.config().max_lanes.map_or(fair, |m| fair.min(m as usize));
@@ -546,23 +566,15 @@ impl Coordinator {
     }
 
     /// Backlog gauges, and the age of the oldest head among this instance's lanes (for /readyz).
+    /// A lane's head is looked for from its claim cursor, so that this does not walk the rows
+    /// deleted under an old snapshot either.
     async fn observe_backlog(&mut self) -> Result<(), tokio_postgres::Error> {
+        let running: HashMap<i16, i64> = self.shared.signals.cursors().into_iter().collect();
         let lanes: Vec<i16> = self.owned.keys().copied().collect();
+        let from: Vec<i64> = lanes.iter().map(|l| running.get(l).copied().unwrap_or(lanes::FROM_START)).collect();
         let schema = self.config().schema.clone();
         let Some(control) = self.control().await else { return Ok(()) };
-        let row = control
-            .query_one(
-                &schema.qualify(
-                    "SELECT (SELECT count(*) FROM __SCHEMA__.messages),
-                            coalesce(extract(epoch FROM now() - (SELECT min(created_at) FROM __SCHEMA__.messages)), 0)::float8,
-                            coalesce(extract(epoch FROM now() - (
-                                SELECT min(h.created_at) FROM unnest($1::smallint[]) AS l(lane)
-                                CROSS JOIN LATERAL (SELECT created_at FROM __SCHEMA__.messages m
-                                                    WHERE m.lane = l.lane ORDER BY seq LIMIT 1) h)), 0)::float8",
-                ),
-                &[&lanes],
-            )
-            .await?;
+        let row = control.query_one(&schema.qualify(include_str!("../sql/backlog.sql")), &[&lanes, &from]).await?;
         let (rows, oldest, head): (i64, f64, f64) = (row.get(0), row.get(1), row.get(2));
         crate::telemetry::backlog(rows, Duration::from_secs_f64(oldest.max(0.0)));
         self.shared.health.set_oldest_head(Duration::from_secs_f64(head.max(0.0)));
@@ -571,7 +583,8 @@ impl Coordinator {
 
     /// The outbox's dead tuples and the age of the oldest snapshot on the database, as metrics;
     /// a warning (once, until it clears) when that snapshot is older than `--horizon-warn`. The
-    /// relay stays ready: it is not at fault, but every claim slows down while it lasts.
+    /// relay stays ready: it is not at fault, and its claims do not slow down (they start at each lane's
+    /// cursor), but the outbox table and its indexes grow while it lasts.
     async fn observe_horizon(&mut self) -> Result<(), tokio_postgres::Error> {
         let schema = self.config().schema.clone();
         let warn_after = self.config().horizon_warn;
@@ -586,7 +599,7 @@ impl Coordinator {
                     self.horizon_warned = true;
                     tracing::warn!(kind = %h.kind, pid = ?h.pid, application = %h.name, client = %h.client,
                         state = %h.state, age_s = age as u64, dead_tuples = dead,
-                        "an old snapshot holds back the cleanup of delivered rows, so every claim slows down: \
+                        "an old snapshot holds back the cleanup of delivered rows, so the outbox table grows: \
                          end that transaction (`outbox-relay status` names it; pg_terminate_backend(pid)), or drop \
                          the replication slot");
                 }
@@ -693,49 +706,9 @@ fn reconnect_policy() -> backon::ExponentialBuilder {
         .with_jitter()
 }
 
-/// One wake-up channel per lane: the listener bumps the lanes a NOTIFY names, and a lane loop
-/// waits on its own. A lane marks its channel seen *before* it claims, so a NOTIFY that lands
-/// between an empty claim and the wait is not lost.
-#[derive(Clone)]
-pub(crate) struct LaneWakes {
-    lanes: Arc<Vec<watch::Sender<u64>>>,
-}
-
-impl LaneWakes {
-    fn new(lanes: u16) -> Self {
-        Self { lanes: Arc::new((0..lanes).map(|_| watch::channel(0u64).0).collect()) }
-    }
-
-    /// The receiver a lane loop waits on.
-    pub(crate) fn subscribe(&self, lane: i16) -> watch::Receiver<u64> {
-        self.lanes[lane as usize].subscribe()
-    }
-
-    fn wake_all(&self) {
-        for lane in self.lanes.iter() {
-            lane.send_modify(|v| *v += 1);
-        }
-    }
-
-    /// Wakes the lanes a NOTIFY payload lists (`3,7,12`); an empty or unreadable payload (an
-    /// older trigger, more lanes than fit) wakes every lane.
-    fn wake_payload(&self, payload: &str) {
-        let named: Option<Vec<usize>> =
-            payload.split(',').map(|l| l.trim().parse::<usize>().ok().filter(|l| *l < self.lanes.len())).collect();
-        match named {
-            Some(lanes) if !payload.is_empty() => {
-                for l in lanes {
-                    self.lanes[l].send_modify(|v| *v += 1);
-                }
-            }
-            _ => self.wake_all(),
-        }
-    }
-}
-
-/// Turns NOTIFYs on the outbox's channel into wake-ups of the lanes they name; reconnects with
+/// Turns NOTIFYs on the outbox's channel into wake-ups (and rewinds) of the lanes they name; reconnects with
 /// backoff.
-async fn listen(db: DbConfig, channel: String, wakes: LaneWakes, stop: CancellationToken) {
+async fn listen(db: DbConfig, channel: String, signals: LaneSignals, stop: CancellationToken) {
     use backon::Retryable;
     loop {
         let connect = (|| db.listen(&channel))
@@ -752,13 +725,13 @@ async fn listen(db: DbConfig, channel: String, wakes: LaneWakes, stop: Cancellat
                 Err(_) => continue,
             },
         };
-        // Rows may have come while no one listened.
-        wakes.wake_all();
+        // Rows may have come while no one listened, late ones below a lane's cursor too.
+        signals.announce_all();
         loop {
             tokio::select! {
                 _ = stop.cancelled() => return,
                 n = notes.recv() => match n {
-                    Some(payload) => wakes.wake_payload(&payload),
+                    Some(payload) => signals.announce_payload(&payload),
                     None => break,
                 }
             }

@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 use super::breaker::{BreakerState, Permit};
 use super::claim::{Acked, ClaimedRow, DeadLetter, FailedAttempt, LaneSession};
 use super::producer::{Generation, SendError};
-use super::{envelope, DeadLetterPolicy, Shared};
+use super::{envelope, lanes, DeadLetterPolicy, Shared};
 use crate::classify::{self, reason, Classified, Disposition};
 use crate::outbox::validate_topic;
 
@@ -45,7 +45,14 @@ pub(crate) async fn run_lane(
     session: LaneSession,
     stop: CancellationToken,
 ) -> LaneExit {
-    let mut wake = shared.wakes.subscribe(lane);
+    let mut wake = shared.signals.subscribe(lane);
+    // Where the lane's pending rows start, as far as this loop knows: every row below it was
+    // delivered or dead-lettered, or committed late and is announced by its NOTIFY or the sweep.
+    let mut cursor = lanes::FROM_START;
+    // The next claim reads the whole lane (from its start, no upper bound): after a wait that no
+    // NOTIFY ended, so that rows written without one are found.
+    let mut full_claim = true;
+    let _published = CursorGuard { shared: &shared, lane };
     let mut breaker_changes = shared.breaker.subscribe();
     let full_batch = shared.config.batch_size as i64;
     // After a batch with failures the lane sends one row at a time until one gets through, so a
@@ -69,9 +76,15 @@ pub(crate) async fn run_lane(
         }
         let probing = permit == Permit::Probe;
         wake.borrow_and_update();
+        let range = shared.signals.claim_range(lane, cursor, std::mem::take(&mut full_claim));
         shared.stats.claims.fetch_add(1, Ordering::Relaxed);
         let limit = if probing || cautious { 1 } else { full_batch };
-        let rows = match session.claim(limit).await {
+        let claim_started = std::time::Instant::now();
+        let claimed_rows = session.claim(range.from, range.to, limit).await;
+        let took = claim_started.elapsed();
+        shared.stats.claim_micros.fetch_add(took.as_micros() as u64, Ordering::Relaxed);
+        crate::telemetry::claim_time(took);
+        let rows = match claimed_rows {
             Ok(rows) => rows,
             Err(e) => {
                 if probing {
@@ -83,6 +96,9 @@ pub(crate) async fn run_lane(
         // Order first: the lane goes no further than its first row that waits for a retry.
         let ready = rows.iter().take_while(|r| !r.waiting).count();
         if ready == 0 {
+            // Nothing in the range, or a head that waits for its retry: claim from there again.
+            cursor = rows.first().map_or(range.from, |head| head.seq);
+            shared.signals.publish_cursor(lane, cursor);
             if probing {
                 shared.breaker.release_probe();
             }
@@ -90,12 +106,15 @@ pub(crate) async fn run_lane(
                 .first()
                 .map(|head| Duration::from_millis(head.wait_ms.max(1) as u64).min(shared.config.poll_interval))
                 .unwrap_or(shared.config.poll_interval);
-            if let Some(exit) = wait_for_work(&stop, &session, &mut wake, wait).await {
-                return exit;
+            match wait_for_work(&stop, &session, &mut wake, wait).await {
+                Woken::Exit(exit) => return exit,
+                Woken::Timer => full_claim = true,
+                Woken::Notified => {}
             }
             continue;
         }
         let claimed = rows.len();
+        let all_rows = &rows[..];
         let rows = &rows[..ready];
         let breaker_was_closed = !probing && shared.breaker.state() == BreakerState::Closed;
         if probing {
@@ -156,6 +175,7 @@ pub(crate) async fn run_lane(
         }
         shared.stats.delivered.fetch_add(acked.len() as u64, Ordering::Relaxed);
         record_delivery(rows, &acked);
+        cursor = next_cursor(all_rows, &acked, &dead);
         if let Err(e) = session.record_failures(&failed).await {
             return LaneExit::SessionLost(format!("recording {} failed attempts failed: {e}", failed.len()));
         }
@@ -170,29 +190,65 @@ pub(crate) async fn run_lane(
                 mirror_to_dlq(&shared, dlq, rows, &dead);
             }
         }
+        shared.signals.publish_cursor(lane, cursor);
         // Drained: the claim found fewer rows than it asked for and every one went out. A row
         // committed since sends its NOTIFY after that claim began (the channel was marked seen
         // before it), so wait for one rather than run a claim that finds nothing.
         if claimed < limit as usize && acked.len() == claimed {
-            if let Some(exit) = wait_for_work(&stop, &session, &mut wake, shared.config.poll_interval).await {
-                return exit;
+            match wait_for_work(&stop, &session, &mut wake, shared.config.poll_interval).await {
+                Woken::Exit(exit) => return exit,
+                Woken::Timer => full_claim = true,
+                Woken::Notified => {}
             }
         }
     }
 }
 
-/// Waits for a NOTIFY naming the lane, or `poll` at most; `Some` when the lane must end instead.
+/// Takes the lane's cursor back to the start when its loop ends, so the sweep leaves it alone.
+struct CursorGuard<'a> {
+    shared: &'a Shared,
+    lane: i16,
+}
+
+impl Drop for CursorGuard<'_> {
+    fn drop(&mut self) {
+        self.shared.signals.publish_cursor(self.lane, lanes::FROM_START);
+    }
+}
+
+/// Where the next claim starts after a batch: at the first claimed row still pending (it failed,
+/// waits for a retry, or was held back), or past the last claimed row when none is. Rows below it
+/// are gone, or committed late (announced by their NOTIFY, or found by the sweep).
+fn next_cursor(claimed: &[ClaimedRow], acked: &[Acked], dead: &[DeadLetter]) -> i64 {
+    let done: HashSet<i64> = acked.iter().map(|a| a.seq).chain(dead.iter().map(|d| d.seq)).collect();
+    match claimed.iter().find(|r| !done.contains(&r.seq)) {
+        Some(pending) => pending.seq,
+        None => claimed.last().map_or(lanes::FROM_START, |r| r.seq + 1),
+    }
+}
+
+/// How a wait for work ended.
+enum Woken {
+    /// A NOTIFY (or the sweep) named the lane.
+    Notified,
+    /// The wait ran out: the next claim is a full one, which finds rows no NOTIFY announced.
+    Timer,
+    /// The lane must end.
+    Exit(LaneExit),
+}
+
+/// Waits for a NOTIFY naming the lane, or `poll` at most.
 async fn wait_for_work(
     stop: &CancellationToken,
     session: &LaneSession,
     wake: &mut tokio::sync::watch::Receiver<u64>,
     poll: Duration,
-) -> Option<LaneExit> {
+) -> Woken {
     tokio::select! {
-        _ = stop.cancelled() => Some(LaneExit::Released),
-        _ = session.closed().cancelled() => Some(LaneExit::SessionLost("the lane's database session closed".into())),
-        _ = wake.changed() => None,
-        _ = tokio::time::sleep(poll) => None,
+        _ = stop.cancelled() => Woken::Exit(LaneExit::Released),
+        _ = session.closed().cancelled() => Woken::Exit(LaneExit::SessionLost("the lane's database session closed".into())),
+        _ = wake.changed() => Woken::Notified,
+        _ = tokio::time::sleep(poll) => Woken::Timer,
     }
 }
 

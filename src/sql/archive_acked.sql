@@ -5,6 +5,7 @@ WITH acked AS (
     DELETE FROM __SCHEMA__.messages m
     USING acked a
     WHERE m.lane = $1 AND m.seq = a.seq
+      AND m.seq BETWEEN (SELECT min(s) FROM unnest($2::bigint[]) s) AND (SELECT max(s) FROM unnest($2::bigint[]) s)
     RETURNING m.id, m.seq, m.lane, m.topic, m.key, m.created_at, m.attempts, a.kafka_topic, a.kafka_partition,
               a.kafka_offset, a.ack_age_ms
 )

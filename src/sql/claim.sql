@@ -5,6 +5,8 @@ SELECT seq, id, topic, key, payload, headers, message_type, content_type, correl
        floor(extract(epoch FROM now() - created_at) * 1000)::bigint AS age_ms
 FROM __SCHEMA__.messages m
 WHERE lane = $1
+  AND seq >= $3
+  AND seq <= $4
   AND (key IS NULL OR NOT EXISTS (SELECT 1 FROM __SCHEMA__.parked_keys p WHERE p.key = m.key))
 ORDER BY seq
 LIMIT $2

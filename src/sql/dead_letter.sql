@@ -4,6 +4,7 @@ WITH failed AS (
     DELETE FROM __SCHEMA__.messages m
     USING failed f
     WHERE m.lane = $1 AND m.seq = f.seq
+      AND m.seq BETWEEN (SELECT min(s) FROM unnest($2::bigint[]) s) AND (SELECT max(s) FROM unnest($2::bigint[]) s)
     RETURNING m.*, f.reason, f.error_class, f.error
 ), parked AS (
     INSERT INTO __SCHEMA__.parked_keys (key, lane, dead_letter_id)

@@ -15,4 +15,4 @@ WITH d AS (
                               'payload_sha256', encode(sha256(coalesce(d.payload, '')), 'hex'))
     FROM d
 )
-SELECT id FROM d
+SELECT id, key FROM d

@@ -5,3 +5,4 @@ SET attempts = m.attempts + 1,
     first_failed_at = coalesce(m.first_failed_at, now())
 FROM unnest($2::bigint[], $3::text[], $4::bigint[]) AS f(seq, error, delay_ms)
 WHERE m.lane = $1 AND m.seq = f.seq
+  AND m.seq BETWEEN (SELECT min(s) FROM unnest($2::bigint[]) s) AND (SELECT max(s) FROM unnest($2::bigint[]) s)
