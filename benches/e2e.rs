@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use hdrhistogram::Histogram;
 use outbox_relay::consumer::{self, ConsumedMessage, ConsumerConfig, ConsumerStats, Handler, HandlerFuture};
 use outbox_relay::db::DbConfig;
-use outbox_relay::relay::claim::ClaimedRow;
+use outbox_relay::relay::lane_session::ClaimedRow;
 use outbox_relay::relay::{self, envelope, RelayConfig, RelayStats};
 use outbox_relay::schema::{self, SchemaName};
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
@@ -627,6 +627,15 @@ struct ArmWindow {
     index_bytes: i64,
 }
 
+struct ArmResult {
+    windows: Vec<ArmWindow>,
+    /// commit→ack p50, p99 (ms) and rows, per window of commit time.
+    per_window: Vec<(f64, f64, i64)>,
+    lag: Histogram<u64>,
+    /// How long after its commit the late row was acknowledged (None: not delivered).
+    late_ms: Option<f64>,
+}
+
 async fn held_snapshot_arm(
     ctx: &Ctx,
     name: &str,
@@ -634,7 +643,7 @@ async fn held_snapshot_arm(
     rate: f64,
     total: Duration,
     window: Duration,
-) -> Res<(Vec<ArmWindow>, Vec<(f64, f64, i64)>, Histogram<u64>)> {
+) -> Res<ArmResult> {
     let dbname = format!("bench_{name}_{}", ctx.run_id);
     let admin = ctx.db.connect().await?;
     admin.batch_execute(&format!("DROP DATABASE IF EXISTS {dbname}")).await?;
@@ -676,6 +685,24 @@ async fn held_snapshot_arm(
             .await
         }
     });
+    // A late row: its transaction takes its sequence number halfway through the run and commits a
+    // second later, after about `rate` later rows went out; how long after its commit it is acked.
+    let late = tokio::spawn({
+        let (db, s, topic) = (db.clone(), s.clone(), topic.clone());
+        async move {
+            tokio::time::sleep(total / 2).await;
+            let mut c = db.connect().await?;
+            let tx = c.transaction().await?;
+            let id: Uuid = tx
+                .query_one(&s.qualify("SELECT __SCHEMA__.enqueue($1, 'late-probe', '\\x01')"), &[&topic])
+                .await?
+                .get(0);
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            tx.commit().await?;
+            let committed = chrono::Utc::now();
+            Ok::<(Uuid, chrono::DateTime<chrono::Utc>), Box<dyn std::error::Error + Send + Sync>>((id, committed))
+        }
+    });
     let observer = db.connect().await?;
     let mut windows = Vec::new();
     let started = Instant::now();
@@ -713,12 +740,18 @@ async fn held_snapshot_arm(
     if let Some(tx) = held {
         tx.rollback().await?;
     }
+    let (late_id, late_committed) = late.await??;
+    let late_ms: Option<f64> =
+        observer.query_opt("SELECT delivered_at FROM outbox.delivered WHERE id = $1", &[&late_id]).await?.map(|r| {
+            (r.get::<_, chrono::DateTime<chrono::Utc>>(0) - late_committed).num_microseconds().unwrap_or(0) as f64
+                / 1000.0
+        });
     // commit→ack per window of commit time: p50, p99 (ms) and rows.
     let per_window = observer
         .query(
             "SELECT percentile_disc(0.5) WITHIN GROUP (ORDER BY lat), percentile_disc(0.99) WITHIN GROUP (ORDER BY lat), count(*)
-             FROM (SELECT floor(extract(epoch FROM created_at - min(created_at) OVER ()) / $1) AS w,
-                          extract(epoch FROM delivered_at - created_at) * 1000 AS lat
+             FROM (SELECT floor(extract(epoch FROM created_at - min(created_at) OVER ())::float8 / $1::float8) AS w,
+                          (extract(epoch FROM delivered_at - created_at) * 1000)::float8 AS lat
                    FROM outbox.delivered) d
              GROUP BY w ORDER BY w",
             &[&window.as_secs_f64()],
@@ -728,9 +761,8 @@ async fn held_snapshot_arm(
         .map(|r| (r.get::<_, f64>(0), r.get::<_, f64>(1), r.get::<_, i64>(2)))
         .collect();
     drop(observer);
-    drop(holder);
     admin.batch_execute(&format!("DROP DATABASE IF EXISTS {dbname} WITH (FORCE)")).await?;
-    Ok((windows, per_window, lag))
+    Ok(ArmResult { windows, per_window, lag, late_ms })
 }
 
 /// Section 7: the same load on two databases at once, one with a REPEATABLE READ transaction held
@@ -746,17 +778,21 @@ async fn held_snapshot(ctx: &mut Ctx, rate: f64, total: Duration, window: Durati
         held_snapshot_arm(ctx, "free", false, rate, total, window),
         held_snapshot_arm(ctx, "held", true, rate, total, window)
     );
-    let ((fw, fl, flag), (hw, hl, hlag)) = (free?, held?);
-    ctx.say("| window (min) | commit→ack p50 / p99 (ms), no snapshot | held snapshot | p99 held / free | claims, mean claim time (µs): free / held | dead tuples: free / held | table + indexes (MB): free / held |");
-    ctx.say("|---|---|---|---|---|---|---|");
+    let (free, held) = (free?, held?);
+    let (fw, fl, flag) = (&free.windows, &free.per_window, &free.lag);
+    let (hw, hl, hlag) = (&held.windows, &held.per_window, &held.lag);
+    ctx.say("| window (min) | rows acked: free / held | commit→ack p50 / p99 (ms), no snapshot | held snapshot | p99 held / free | claims, mean claim time (µs): free / held | dead tuples: free / held | table + indexes (MB): free / held |");
+    ctx.say("|---|---|---|---|---|---|---|---|");
     let mb = |w: &ArmWindow| (w.table_bytes + w.index_bytes) as f64 / 1e6;
     for i in 0..fw.len().min(hw.len()) {
         let (f, h) = (&fw[i], &hw[i]);
         let (fp, hp) = (fl.get(i).copied().unwrap_or_default(), hl.get(i).copied().unwrap_or_default());
         ctx.say(&format!(
-            "| {:.0}–{:.0} | {:.1} / {:.1} | {:.1} / {:.1} | {:.2} | {} , {:.0} / {} , {:.0} | {} / {} | {:.1} / {:.1} |",
+            "| {:.1}–{:.1} | {} / {} | {:.1} / {:.1} | {:.1} / {:.1} | {:.2} | {} , {:.0} / {} , {:.0} | {} / {} | {:.1} / {:.1} |",
             (i as f64) * window.as_secs_f64() / 60.0,
             (i as f64 + 1.0) * window.as_secs_f64() / 60.0,
+            fp.2,
+            hp.2,
             fp.0,
             fp.1,
             hp.0,
@@ -784,6 +820,13 @@ async fn held_snapshot(ctx: &mut Ctx, rate: f64, total: Duration, window: Durati
             hlag.value_at_quantile(0.99) as f64 / 1000.0
         ));
     }
+    let late = |ms: Option<f64>| ms.map_or("NOT DELIVERED".to_owned(), |m| format!("{m:.1} ms"));
+    ctx.say(&format!(
+        "\nA late row (its transaction took its sequence number halfway through and committed 1 s later, after \
+         about {rate:.0} later rows): acknowledged {} after its commit without a snapshot, {} with one.",
+        late(free.late_ms),
+        late(held.late_ms)
+    ));
     Ok(())
 }
 

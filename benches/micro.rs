@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use outbox_relay::outbox::OutboxMessage;
-use outbox_relay::relay::claim::ClaimedRow;
 use outbox_relay::relay::envelope;
+use outbox_relay::relay::lane_session::ClaimedRow;
 use uuid::Uuid;
 
 fn row() -> ClaimedRow {

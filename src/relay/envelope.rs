@@ -3,7 +3,7 @@
 
 use rdkafka::message::{Header, OwnedHeaders};
 
-use super::claim::ClaimedRow;
+use super::lane_session::ClaimedRow;
 
 /// CloudEvents spec version written in `ce_specversion`.
 pub const CE_SPECVERSION: &str = "1.0";

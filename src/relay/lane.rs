@@ -13,7 +13,7 @@ use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use tokio_util::sync::CancellationToken;
 
 use super::breaker::{BreakerState, Permit};
-use super::claim::{Acked, ClaimedRow, DeadLetter, FailedAttempt, LaneSession};
+use super::lane_session::{Acked, ClaimedRow, DeadLetter, FailedAttempt, LaneSession};
 use super::producer::{Generation, SendError};
 use super::{envelope, lanes, DeadLetterPolicy, Shared};
 use crate::classify::{self, reason, Classified, Disposition};
