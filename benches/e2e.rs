@@ -78,15 +78,37 @@ impl Ctx {
 
     fn relay_config(&self, s: &SchemaName) -> RelayConfig {
         let mut c = RelayConfig::new(self.db.clone(), s.clone(), self.brokers.clone());
-        // BENCH_LINGER_MS tries another producer linger (tuning runs; the default is the relay's).
-        if let Ok(l) = std::env::var("BENCH_LINGER_MS") {
-            c.producer.properties.push(("linger.ms".into(), l));
-        }
+        c.producer.properties.extend(tuning_properties());
         c.heartbeat_interval = Duration::from_millis(300);
         c.instance_timeout = Duration::from_secs(3);
         c
     }
 }
+
+/// Producer settings a tuning run tries instead of the relay's defaults, for the relay and for the
+/// produce-alone baseline alike: BENCH_LINGER_MS (`linger.ms`), BENCH_COMPRESSION
+/// (`compression.type`).
+fn tuning_properties() -> Vec<(String, String)> {
+    let mut p = Vec::new();
+    if let Ok(l) = std::env::var("BENCH_LINGER_MS") {
+        p.push(("linger.ms".into(), l));
+    }
+    if let Ok(c) = std::env::var("BENCH_COMPRESSION") {
+        p.push(("compression.type".into(), c));
+    }
+    p
+}
+
+/// An order event as JSON of about `size` bytes: ids, amounts, a currency, a time, a short hash
+/// and order lines (their number grows with `size`); it compresses about as much as real events
+/// do, unlike a run of one repeated byte.
+const ORDER_JSON: &str = "json_build_object(
+    'order_id', g, 'customer_id', 'cust-' || (g * 7919 % 100003), 'amount_cents', g * 37 % 99000,
+    'currency', (ARRAY['EUR','USD','GBP','SEK'])[g % 4 + 1],
+    'placed_at', now() - (g % 86400) * interval '1 second', 'ref', md5(g::text),
+    'lines', (SELECT json_agg(json_build_object('sku', 'SKU-' || ((g + i) * 31 % 5000), 'qty', (g + i) % 5 + 1,
+                                                'price_cents', (g * i * 13) % 20000))
+              FROM generate_series(1, greatest(1, ($2::int - 230) / 55)) i))::text";
 
 /// Inserts `n` rows of `size`-byte payloads over `keys` keys in one statement.
 async fn preload(ctx: &Ctx, s: &SchemaName, topic: &str, n: usize, size: usize) -> Res<()> {
@@ -96,9 +118,11 @@ async fn preload(ctx: &Ctx, s: &SchemaName, topic: &str, n: usize, size: usize) 
         let m = (n - start).min(100_000) as i64;
         c.execute(
             &s.qualify(
-                "INSERT INTO __SCHEMA__.messages (id, topic, key, payload, content_type)
-                 SELECT gen_random_uuid(), $1, 'key-' || (g % 1000), convert_to(repeat('x', $2), 'UTF8'), 'application/octet-stream'
-                 FROM generate_series(1, $3::bigint) g",
+                &format!(
+                    "INSERT INTO __SCHEMA__.messages (id, topic, key, payload, content_type)
+                     SELECT gen_random_uuid(), $1, 'key-' || (g % 1000), convert_to({ORDER_JSON}, 'UTF8'), 'application/json'
+                     FROM generate_series(1, $3::bigint) g"
+                ),
             ),
             &[&topic, &(size as i32), &m],
         )
@@ -151,12 +175,15 @@ async fn claim_delete_rate(ctx: &Ctx, s: &SchemaName, lanes: i16, n: usize) -> R
             let claim = c.prepare(&s.qualify(include_str!("../src/sql/claim.sql"))).await?;
             let delete = c.prepare(&s.qualify(include_str!("../src/sql/delete_acked.sql"))).await?;
             let mut done = 0u64;
+            // From a cursor, as the relay's lanes claim.
+            let mut from = i64::MIN;
             loop {
-                let rows = c.query(&claim, &[&lane, &1000i64]).await?;
+                let rows = c.query(&claim, &[&lane, &1000i64, &from, &i64::MAX]).await?;
                 if rows.is_empty() {
                     return Ok::<u64, Box<dyn std::error::Error + Send + Sync>>(done);
                 }
                 let seqs: Vec<i64> = rows.iter().map(|r| r.get(0)).collect();
+                from = seqs[seqs.len() - 1] + 1;
                 c.execute(&delete, &[&lane, &seqs]).await?;
                 done += seqs.len() as u64;
             }
@@ -171,14 +198,13 @@ async fn claim_delete_rate(ctx: &Ctx, s: &SchemaName, lanes: i16, n: usize) -> R
 }
 
 /// Raw broker: the same records (envelope headers included), pipelined, no PostgreSQL.
-async fn produce_rate(ctx: &Ctx, topic: &str, n: usize, size: usize) -> Res<f64> {
+async fn produce_rate(ctx: &Ctx, topic: &str, n: usize, payloads: &[Vec<u8>]) -> Res<f64> {
     let settings = outbox_relay::relay::kafka::ProducerSettings {
         brokers: ctx.brokers.clone(),
         message_timeout: Duration::from_secs(30),
-        properties: Vec::new(),
+        properties: tuning_properties(),
     };
     let producer: FutureProducer = settings.create()?;
-    let payload = vec![b'x'; size];
     let row = ClaimedRow {
         seq: 0,
         id: Uuid::now_v7(),
@@ -203,7 +229,7 @@ async fn produce_rate(ctx: &Ctx, topic: &str, n: usize, size: usize) -> Res<f64>
         let mut r = row.clone();
         r.id = Uuid::now_v7();
         let key = format!("key-{}", i % 1000);
-        let mut record = FutureRecord::to(topic).key(key.as_bytes()).payload(payload.as_slice());
+        let mut record = FutureRecord::to(topic).key(key.as_bytes()).payload(payloads[i % payloads.len()].as_slice());
         // BENCH_NO_HEADERS=1 measures what the envelope headers cost the broker path.
         if std::env::var_os("BENCH_NO_HEADERS").is_none() {
             record = record.headers(envelope::headers(&r, "/bench"));
@@ -574,14 +600,28 @@ async fn throughput(ctx: &mut Ctx, n: usize) -> Res<f64> {
         let s = ctx.schema(&format!("cd{size}"), 16).await?;
         let topic = ctx.topic(&format!("cd{size}"), 4).await?;
         preload(ctx, &s, &topic, n, size).await?;
+        // The produce-alone baseline sends the very payloads the relay sends.
+        let sample: Vec<Vec<u8>> = ctx
+            .db
+            .connect()
+            .await?
+            .query(&s.qualify("SELECT payload FROM __SCHEMA__.messages LIMIT 1000"), &[])
+            .await?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        let mean = sample.iter().map(Vec::len).sum::<usize>() / sample.len().max(1);
         let cd = claim_delete_rate(ctx, &s, 16, n).await?;
-        let prod = produce_rate(ctx, &ctx.topic(&format!("prod{size}"), 4).await?, n, size).await?;
+        let prod = produce_rate(ctx, &ctx.topic(&format!("prod{size}"), 4).await?, n, &sample).await?;
         let s2 = ctx.schema(&format!("relay{size}"), 16).await?;
         let rl = relay_rate(ctx, &s2, &topic, n, size, 1).await?;
         if size == 200 {
             peak = rl;
         }
-        ctx.say(&format!("| {size} B | {cd:.0} | {prod:.0} | {rl:.0} | {:.2} |", rl / cd.min(prod)));
+        ctx.say(&format!(
+            "| {size} B (JSON, mean {mean} B) | {cd:.0} | {prod:.0} | {rl:.0} | {:.2} |",
+            rl / cd.min(prod)
+        ));
     }
     Ok(peak)
 }
