@@ -13,7 +13,8 @@
 //! |---|---|
 //! | `config.rs` | [`RelayConfig`] and its defaults |
 //! | `coordinator.rs` | heartbeat, lane balancing, gauges, periodic tasks |
-//! | `lane.rs` | the lane loop: claim, produce, await, complete |
+//! | `lane.rs` | the lane loop: claim, produce, complete; what a failure means |
+//! | `deliver.rs` | producing a batch and collecting its outcomes |
 //! | `lane_session.rs` | a lane's session and its statements |
 //! | `lanes.rs` | wake-ups and claim ranges shared between listener, sweep and lane loops |
 //! | `listener.rs` | the LISTEN session |
@@ -26,6 +27,7 @@
 pub mod breaker;
 mod config;
 mod coordinator;
+mod deliver;
 pub mod envelope;
 pub mod kafka;
 pub(crate) mod lane;
