@@ -1,0 +1,368 @@
+//! One partition's worker: takes the messages the poll loop hands it, applies each in a
+//! transaction with the inbox (one at a time or in batches), stores the offset only after the
+//! commit, retries a failing handler in place, and dead-letters poison and id-less messages.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use rdkafka::consumer::Consumer;
+use tokio::sync::mpsc;
+use tokio_postgres::Client;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use super::{ConsumedMessage, ConsumedOrBad, ConsumerError, Handler, PoisonPolicy, Shared};
+use crate::db::DbConfig;
+use crate::inbox::{InboxMessage, InboxOutcome};
+
+pub(super) async fn partition_worker<H: Handler>(
+    shared: Arc<Shared<H>>,
+    mut rx: mpsc::UnboundedReceiver<ConsumedOrBad>,
+    depth: Arc<std::sync::atomic::AtomicUsize>,
+    revoked: CancellationToken,
+) {
+    let mut db: Option<Client> = None;
+    while let Some(first) = rx.recv().await {
+        if shared.abort.is_cancelled() || revoked.is_cancelled() {
+            return;
+        }
+        let mut batch = vec![first];
+        while batch.len() < shared.config.batch_size {
+            match rx.try_recv() {
+                Ok(m) => batch.push(m),
+                Err(_) => break,
+            }
+        }
+        let taken = batch.len();
+        let last = match batch.last().expect("one at least") {
+            ConsumedOrBad::Ok(m) | ConsumedOrBad::NoId(m, _) => (m.topic.clone(), m.partition, m.offset),
+        };
+        if process(&shared, &mut db, batch).await == Next::Stop {
+            return;
+        }
+        depth.fetch_sub(taken, Ordering::Relaxed);
+        // Only now, with the effects committed, may the offset move past these messages.
+        // librdkafka stores `offset + 1` itself: pass the last processed message's own offset.
+        if let Err(e) = shared.consumer.store_offset(&last.0, last.1, last.2) {
+            tracing::debug!(topic = %last.0, partition = last.1, error = %e, "offset not stored (partition revoked?)");
+        }
+    }
+}
+
+/// What a partition worker does after a step. Every step that can fail says which, so that no
+/// caller can treat an unwritten dead letter as handled (the offset would move past a message that
+/// was neither applied nor recorded).
+#[must_use]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Next {
+    /// The message is done with (applied, a duplicate, or recorded as a dead letter): its offset
+    /// may be stored.
+    Continue,
+    /// The runner is stopping (shutdown, a crash injected, a dead letter that cannot be written,
+    /// poison under `PoisonPolicy::Stop`): the offset must not move.
+    Stop,
+}
+
+/// Processes a batch (in order).
+async fn process<H: Handler>(shared: &Shared<H>, db: &mut Option<Client>, batch: Vec<ConsumedOrBad>) -> Next {
+    let mut good = Vec::with_capacity(batch.len());
+    for m in batch {
+        match m {
+            ConsumedOrBad::Ok(m) => good.push(m),
+            ConsumedOrBad::NoId(m, reason) => {
+                tracing::error!(topic = %m.topic, partition = m.partition, offset = m.offset, reason,
+                    "message without a usable id: dead-lettered, never applied");
+                if dead_letter(shared, db, &m, None, reason, "the message has no usable id header", 0).await
+                    == Next::Stop
+                {
+                    return Next::Stop;
+                }
+            }
+        }
+    }
+    if good.len() > 1 {
+        match apply_batch(shared, db, &good).await {
+            Ok(()) => return fire_crash(shared, good.last().expect("non-empty")),
+            Err(e) => {
+                tracing::warn!(error = %e, messages = good.len(), "batch failed; processing its messages one by one");
+            }
+        }
+    }
+    for m in &good {
+        if apply_one(shared, db, m).await == Next::Stop || fire_crash(shared, m) == Next::Stop {
+            return Next::Stop;
+        }
+    }
+    Next::Continue
+}
+
+/// The test hook: stops the runner right after a commit, before the offset is stored.
+fn fire_crash<H>(shared: &Shared<H>, m: &ConsumedMessage) -> Next {
+    if let Some(f) = &shared.config.crash_after_commit {
+        if (f.0)(m) {
+            *shared.failure.lock().expect("lock") = Some(ConsumerError::InjectedCrash);
+            shared.abort.cancel();
+            return Next::Stop;
+        }
+    }
+    Next::Continue
+}
+
+pub(super) async fn session<'a>(shared_db: &DbConfig, db: &'a mut Option<Client>) -> Result<&'a mut Client, String> {
+    if db.as_ref().is_none_or(Client::is_closed) {
+        *db = Some(shared_db.connect().await.map_err(|e| e.to_string())?);
+    }
+    Ok(db.as_mut().expect("just set"))
+}
+
+fn inbox_message(m: &ConsumedMessage) -> InboxMessage<'_> {
+    InboxMessage::new(m.id, m.payload.as_deref()).at(&m.topic, m.partition, m.offset)
+}
+
+/// One transaction, one dedup statement for the whole batch; any handler error rolls it all back.
+async fn apply_batch<H: Handler>(
+    shared: &Shared<H>,
+    db: &mut Option<Client>,
+    msgs: &[ConsumedMessage],
+) -> Result<(), String> {
+    let client = session(&shared.config.db, db).await?;
+    let tx = client.transaction().await.map_err(|e| e.to_string())?;
+    let inbox_msgs: Vec<InboxMessage<'_>> = msgs.iter().map(inbox_message).collect();
+    let outcomes = shared.inbox.record_batch(&tx, &inbox_msgs).await.map_err(|e| e.to_string())?;
+    if outcomes.iter().any(|o| matches!(o, InboxOutcome::Conflict { .. })) {
+        return Err("a conflicting redelivery in the batch".into());
+    }
+    let (mut processed, mut duplicates) = (0, 0);
+    for (m, o) in msgs.iter().zip(&outcomes) {
+        if *o == InboxOutcome::Processed {
+            let began = std::time::Instant::now();
+            shared.handler.handle(&tx, m).await.map_err(|e| e.to_string())?;
+            crate::telemetry::handler_time(shared.inbox.consumer(), began.elapsed());
+            processed += 1;
+        } else {
+            duplicates += 1;
+        }
+    }
+    tx.commit().await.map_err(|e| e.to_string())?;
+    shared.stats.processed.fetch_add(processed, Ordering::Relaxed);
+    shared.stats.duplicates.fetch_add(duplicates, Ordering::Relaxed);
+    crate::telemetry::inbox(shared.inbox.consumer(), processed, duplicates, 0);
+    Ok(())
+}
+
+/// One message: dedup, handler, commit; handler errors retried in place, then poison.
+async fn apply_one<H: Handler>(shared: &Shared<H>, db: &mut Option<Client>, m: &ConsumedMessage) -> Next {
+    let mut attempt = 0u32;
+    let mut db_failures = 0u32;
+    loop {
+        if shared.abort.is_cancelled() {
+            return Next::Stop;
+        }
+        let result = async {
+            let client = session(&shared.config.db, db).await.map_err(Step::Db)?;
+            let tx = client.transaction().await.map_err(|e| Step::Db(e.to_string()))?;
+            let outcome = shared.inbox.record(&tx, &inbox_message(m)).await.map_err(|e| Step::Db(e.to_string()))?;
+            match outcome {
+                InboxOutcome::Processed => {
+                    let began = std::time::Instant::now();
+                    let handled = shared.handler.handle(&tx, m).await;
+                    crate::telemetry::handler_time(shared.inbox.consumer(), began.elapsed());
+                    handled.map_err(|e| Step::Handler(e.to_string()))?;
+                    tx.commit().await.map_err(|e| Step::Db(e.to_string()))?;
+                    Ok(InboxOutcome::Processed)
+                }
+                InboxOutcome::Duplicate => {
+                    tx.commit().await.map_err(|e| Step::Db(e.to_string()))?;
+                    Ok(InboxOutcome::Duplicate)
+                }
+                conflict => Ok(conflict),
+            }
+        }
+        .await;
+        match result {
+            Ok(InboxOutcome::Processed) => {
+                shared.stats.processed.fetch_add(1, Ordering::Relaxed);
+                crate::telemetry::inbox(shared.inbox.consumer(), 1, 0, 0);
+                return Next::Continue;
+            }
+            Ok(InboxOutcome::Duplicate) => {
+                shared.stats.duplicates.fetch_add(1, Ordering::Relaxed);
+                crate::telemetry::inbox(shared.inbox.consumer(), 0, 1, 0);
+                tracing::debug!(message_id = %m.id, topic = %m.topic, partition = m.partition, offset = m.offset, "duplicate skipped");
+                return Next::Continue;
+            }
+            Ok(InboxOutcome::Conflict { .. }) => {
+                shared.stats.conflicts.fetch_add(1, Ordering::Relaxed);
+                crate::telemetry::inbox(shared.inbox.consumer(), 0, 0, 1);
+                tracing::error!(message_id = %m.id, topic = %m.topic, partition = m.partition, offset = m.offset,
+                    "CONFLICT: this id was processed before with a different payload; not applied, dead-lettered for an operator");
+                // Handled only once its dead letter is written: otherwise the offset must not move.
+                return dead_letter(
+                    shared,
+                    db,
+                    m,
+                    Some(m.id),
+                    "conflicting_payload",
+                    "same message id, different payload digest",
+                    1,
+                )
+                .await;
+            }
+            Err(Step::Handler(error)) => {
+                attempt += 1;
+                shared.stats.handler_errors.fetch_add(1, Ordering::Relaxed);
+                if attempt >= shared.config.max_attempts {
+                    return poison(shared, db, m, &error, attempt).await;
+                }
+                let delay = shared.config.backoff.delay(attempt - 1);
+                tracing::warn!(message_id = %m.id, topic = %m.topic, partition = m.partition, offset = m.offset, attempt,
+                    retry_in_ms = delay.as_millis() as u64, error = %error, "handler failed; retrying");
+                tokio::time::sleep(delay).await;
+            }
+            Err(Step::Db(error)) => {
+                // The database, not the message: back off and try again, without counting it
+                // against the message.
+                *db = None;
+                db_failures += 1;
+                let delay = shared.config.backoff.delay(db_failures.min(10));
+                tracing::warn!(message_id = %m.id, error = %error, retry_in_ms = delay.as_millis() as u64,
+                    "inbox database unavailable; retrying");
+                tokio::time::sleep(delay).await;
+            }
+        }
+    }
+}
+
+enum Step {
+    Db(String),
+    Handler(String),
+}
+
+async fn poison<H: Handler>(
+    shared: &Shared<H>,
+    db: &mut Option<Client>,
+    m: &ConsumedMessage,
+    error: &str,
+    attempts: u32,
+) -> Next {
+    match shared.config.poison_policy {
+        PoisonPolicy::DeadLetter => {
+            tracing::error!(message_id = %m.id, topic = %m.topic, partition = m.partition, offset = m.offset, attempts,
+                error = %error, "poison message dead-lettered; the partition goes on");
+            dead_letter(shared, db, m, Some(m.id), "handler_failed", error, attempts as i32).await
+        }
+        PoisonPolicy::Stop => {
+            *shared.failure.lock().expect("lock") = Some(ConsumerError::Poison {
+                id: m.id.to_string(),
+                topic: m.topic.clone(),
+                partition: m.partition,
+                offset: m.offset,
+                error: error.to_owned(),
+            });
+            shared.abort.cancel();
+            Next::Stop
+        }
+    }
+}
+
+/// Writes an inbox dead letter; retries with backoff while the failure is transient. Returns
+/// [`Next::Stop`] (and the message is not acknowledged) when the runner is stopping or the failure
+/// is permanent, which stops the runner with an error saying so.
+async fn dead_letter<H: Handler>(
+    shared: &Shared<H>,
+    db: &mut Option<Client>,
+    m: &ConsumedMessage,
+    id: Option<Uuid>,
+    reason: &str,
+    error: &str,
+    attempts: i32,
+) -> Next {
+    // jsonb cannot hold NUL: header bytes are kept as text with NUL escaped.
+    let headers = serde_json::Value::Object(
+        m.headers
+            .iter()
+            .map(|(k, v)| {
+                (
+                    k.replace('\0', "\\u0000"),
+                    serde_json::Value::String(String::from_utf8_lossy(v).replace('\0', "\\u0000")),
+                )
+            })
+            .collect(),
+    );
+    let mut failures = 0u32;
+    loop {
+        let written: Result<u64, (bool, String)> = async {
+            let client = session(&shared.config.db, db).await.map_err(|e| (false, e))?;
+            client
+                .execute(
+                    &shared.dead_letter_sql,
+                    &[
+                        &shared.inbox.consumer(),
+                        &id,
+                        &m.topic,
+                        &m.partition,
+                        &m.offset,
+                        &m.key,
+                        &headers,
+                        &m.payload,
+                        &reason,
+                        &error,
+                        &attempts,
+                    ],
+                )
+                .await
+                .map_err(|e| {
+                    (
+                        crate::classify::postgres(&e).disposition == crate::classify::Disposition::Permanent,
+                        e.to_string(),
+                    )
+                })
+        }
+        .await;
+        match written {
+            Ok(_) => {
+                shared.stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
+                crate::telemetry::inbox_dead_lettered(shared.inbox.consumer(), reason);
+                return Next::Continue;
+            }
+            Err((true, e)) => {
+                tracing::error!(topic = %m.topic, partition = m.partition, offset = m.offset, error = %e,
+                    "an inbox dead letter cannot be written; stopping");
+                *shared.failure.lock().expect("lock") = Some(ConsumerError::DeadLetterWrite(e));
+                shared.abort.cancel();
+                return Next::Stop;
+            }
+            Err((false, e)) => {
+                if shared.abort.is_cancelled() {
+                    return Next::Stop;
+                }
+                *db = None;
+                failures += 1;
+                let delay = shared.config.backoff.delay(failures.min(10));
+                tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "could not write an inbox dead letter; retrying");
+                tokio::time::sleep(delay).await;
+            }
+        }
+    }
+}
+
+pub(super) async fn purge_loop<H: Handler>(shared: Arc<Shared<H>>, shutdown: CancellationToken) {
+    loop {
+        let mut db = None;
+        if let Ok(client) = session(&shared.config.db, &mut db).await {
+            match shared.inbox.purge(&*client, shared.config.retention, 10_000).await {
+                Ok(n) => {
+                    shared.stats.purged.fetch_add(n, Ordering::Relaxed);
+                    if n > 0 {
+                        tracing::info!(purged = n, "purged inbox rows past the retention");
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "purging the inbox failed; will retry"),
+            }
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(shared.config.purge_interval) => {}
+        }
+    }
+}
