@@ -16,6 +16,10 @@ pub const DEFAULT_LANES: u16 = 16;
 /// The largest lane count a schema can be installed with.
 pub const MAX_LANES: u16 = 1024;
 
+/// The payload size limit of a schema installed without another (the `max_payload_bytes` setting;
+/// below the broker's default 1 MiB record limit).
+pub const DEFAULT_MAX_PAYLOAD_BYTES: usize = 1_000_000;
+
 /// A validated PostgreSQL schema name for the product's objects.
 ///
 /// Lowercase ASCII letters, digits and `_`, starting with a letter or `_`, at most 48 characters
@@ -197,6 +201,18 @@ pub enum MigrateError {
         /// What this build needs.
         needed: i32,
     },
+    /// A row of `<schema>.settings` does not hold what it must.
+    #[error("schema {schema}: setting {name} = {value:?} is not {expected}; fix the row in {schema}.settings (UPDATE {schema}.settings SET value = ... WHERE name = '{name}')")]
+    BadSetting {
+        /// The schema.
+        schema: SchemaName,
+        /// The setting.
+        name: &'static str,
+        /// What it holds.
+        value: String,
+        /// What it should hold.
+        expected: &'static str,
+    },
     /// The database refused.
     #[error("migration {step} failed: {source}")]
     Database {
@@ -304,7 +320,15 @@ async fn read_lanes(client: &impl tokio_postgres::GenericClient, schema: &Schema
         .await
         .map_err(db("reading the lane count"))?;
     let v: String = row.get(0);
-    Ok(v.parse().unwrap_or(0))
+    match v.trim().parse::<u16>() {
+        Ok(n) if (1..=MAX_LANES).contains(&n) => Ok(n),
+        _ => Err(MigrateError::BadSetting {
+            schema: schema.clone(),
+            name: "lanes",
+            value: v,
+            expected: "a lane count from 1 to 1024",
+        }),
+    }
 }
 
 /// Who a set of least-privilege grants is for.
@@ -363,7 +387,14 @@ pub async fn check_installed(
         .await
         .map_err(db("reading max_payload_bytes"))?;
     let max: String = row.get(0);
-    Ok(SchemaInfo { lanes, max_payload_bytes: max.parse().unwrap_or(crate::outbox::DEFAULT_MAX_PAYLOAD_BYTES) })
+    let max_payload_bytes =
+        max.trim().parse::<usize>().ok().filter(|n| *n > 0).ok_or_else(|| MigrateError::BadSetting {
+            schema: schema.clone(),
+            name: "max_payload_bytes",
+            value: max.clone(),
+            expected: "a positive number of bytes",
+        })?;
+    Ok(SchemaInfo { lanes, max_payload_bytes })
 }
 
 #[cfg(test)]
