@@ -115,6 +115,15 @@ fn parse_mapping(s: &str) -> Result<(String, String), String> {
 }
 
 pub(crate) async fn run(global: &Global, args: RunArgs) -> Result<(), CliError> {
+    let config = config(global, args)?;
+    let shutdown = CancellationToken::new();
+    tokio::spawn(stop_on_signal(shutdown.clone()));
+    relay::run(config, shutdown).await?;
+    Ok(())
+}
+
+/// The relay's configuration from the command line (flags and environment).
+fn config(global: &Global, args: RunArgs) -> Result<RelayConfig, CliError> {
     let mut config = RelayConfig::new(global.db_config()?, global.schema().clone(), args.kafka_brokers);
     if let Some(path) = &args.kafka_config_file {
         config.producer.properties.extend(kafka::read_properties_file(path)?);
@@ -155,11 +164,7 @@ pub(crate) async fn run(global: &Global, args: RunArgs) -> Result<(), CliError> 
     config.backlog_interval = args.backlog_interval;
     config.horizon_warn = args.horizon_warn;
     config.sweep_interval = args.sweep_interval;
-
-    let shutdown = CancellationToken::new();
-    tokio::spawn(stop_on_signal(shutdown.clone()));
-    relay::run(config, shutdown).await?;
-    Ok(())
+    Ok(config)
 }
 
 /// Cancels `shutdown` on SIGTERM or SIGINT; a second signal exits at once.
@@ -175,4 +180,37 @@ async fn stop_on_signal(shutdown: CancellationToken) {
     tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
     tracing::warn!("second signal: exiting without finishing in-flight batches (their rows are delivered again later)");
     std::process::exit(130);
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::super::{Cli, Command};
+    use super::*;
+
+    /// The flags' defaults restate the library's for `--help`; this keeps them one decision.
+    #[test]
+    fn the_command_line_defaults_are_the_library_defaults() {
+        let cli = Cli::try_parse_from([
+            "outbox-relay",
+            "--database-url",
+            "postgres://relay@db.example/app",
+            "--schema",
+            "outbox",
+            "run",
+            "--kafka-brokers",
+            "broker:9092",
+        ])
+        .unwrap();
+        let Command::Run(args) = cli.command else { panic!("parsed as another command") };
+        let mut from_cli = config(&cli.global, args).unwrap();
+        let lib = RelayConfig::new(cli.global.db_config().unwrap(), cli.global.schema().clone(), "broker:9092");
+        from_cli.instance_id = lib.instance_id;
+        // The one deliberate difference: the daemon serves /metrics by default, an embedded relay
+        // only when asked.
+        assert_eq!(from_cli.metrics_addr, Some("127.0.0.1:9465".parse().unwrap()));
+        from_cli.metrics_addr = lib.metrics_addr;
+        assert_eq!(format!("{from_cli:#?}"), format!("{lib:#?}"));
+    }
 }
