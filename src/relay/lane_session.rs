@@ -116,6 +116,15 @@ pub struct LaneSession {
     dead: Statement,
 }
 
+/// The first key of the schema's lane locks (`pg_try_advisory_lock(class, lane)`); operators and
+/// tests find a lane's holder in `pg_locks` by it.
+pub async fn lane_lock_class(
+    client: &impl tokio_postgres::GenericClient,
+    schema: &SchemaName,
+) -> Result<i32, tokio_postgres::Error> {
+    Ok(client.query_one(include_str!("../sql/lane_lock_class.sql"), &[&schema.as_str()]).await?.get("class"))
+}
+
 /// Runs a statement under the lane's call timeout, classifying its error.
 async fn timed<T>(
     limit: std::time::Duration,

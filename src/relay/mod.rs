@@ -102,11 +102,7 @@ pub async fn run_with_stats(
 ) -> Result<Arc<RelayStats>, RelayError> {
     let control = config.db.connect().await?;
     let info = schema::check_installed(&control, &config.schema).await?;
-    let lock_class: i32 = control
-        .query_one("SELECT (hashtext('outbox-relay lanes ' || $1::text) & 2147483647)::int", &[&config.schema.as_str()])
-        .await
-        .map_err(RelayError::Startup)?
-        .get(0);
+    let lock_class = lane_session::lane_lock_class(&control, &config.schema).await.map_err(RelayError::Startup)?;
     let producer = producer::ProducerSlot::new(config.producer.clone(), stats.clone())?;
     let mirror = match &config.dlq_topic {
         Some(_) => Some(producer::mirror_producer(&config.producer)?),

@@ -59,13 +59,14 @@ fn received_count(topic: &str) -> i64 {
 
 /// Who holds which lane right now: lane -> application names of the sessions holding its lock.
 async fn lane_holders(c: &tokio_postgres::Client, s: &TestSchema) -> HashMap<i32, Vec<String>> {
+    // The relay's own formula: if it changes, this still finds the holders.
+    let class = i64::from(outbox_relay::relay::lane_session::lane_lock_class(c, &s.name).await.unwrap());
     let rows = c
         .query(
             "SELECT l.objid::bigint::int, coalesce(a.application_name, '')
              FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
-             WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 2
-               AND l.classid = ((hashtext('outbox-relay lanes ' || $1::text) & 2147483647)::bigint)::oid",
-            &[&s.name.as_str()],
+             WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 2 AND l.classid = $1::bigint::oid",
+            &[&class],
         )
         .await
         .unwrap();
