@@ -158,6 +158,15 @@ pub fn postgres(e: &tokio_postgres::Error) -> Classified {
     }
 }
 
+/// A PostgreSQL error for logs and operators: the server's SQLSTATE and message when it sent
+/// one (the driver's own text says only "db error"), else the driver's.
+pub fn describe_postgres(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(d) => format!("{} {}", d.code().code(), d.message()),
+        None => e.to_string(),
+    }
+}
+
 #[cfg(all(test, feature = "kafka"))]
 mod tests {
     use super::*;

@@ -140,6 +140,16 @@ pub enum ConsumerError {
     /// A dead letter could not be written for a reason that will not pass by itself.
     #[error("writing an inbox dead letter failed permanently ({0}): check the consumer role's grants on inbox_dead_letters; the message was not acknowledged and is delivered again after a restart")]
     DeadLetterWrite(String),
+    /// The inbox database refused a message's statements the same way several times.
+    #[error("the inbox database refused {attempts} times in a row ({class}: {error}): check the consumer role's grants (`outbox-relay grants --for consumer --role <role>`) and that the schema is migrated (`outbox-relay migrate`), then restart; the message was not acknowledged")]
+    DatabaseRefused {
+        /// The error's class.
+        class: &'static str,
+        /// The last error.
+        error: String,
+        /// Refusals in a row.
+        attempts: u32,
+    },
     /// The test fault injector fired.
     #[error("crash injected after the database commit")]
     InjectedCrash,

@@ -159,20 +159,25 @@ async fn apply_one<H: Handler>(shared: &Shared<H>, db: &mut Option<Client>, m: &
             return Next::Stop;
         }
         let result = async {
-            let client = session(&shared.config.db, db).await.map_err(Step::Db)?;
-            let tx = client.transaction().await.map_err(|e| Step::Db(e.to_string()))?;
-            let outcome = shared.inbox.record(&tx, &inbox_message(m)).await.map_err(|e| Step::Db(e.to_string()))?;
+            let client = session(&shared.config.db, db).await.map_err(Step::Unavailable)?;
+            let tx = client.transaction().await.map_err(Step::db)?;
+            let outcome = shared.inbox.record(&tx, &inbox_message(m)).await.map_err(|e| Step::db(e.0))?;
             match outcome {
                 InboxOutcome::Processed => {
                     let began = std::time::Instant::now();
                     let handled = shared.handler.handle(&tx, m).await;
                     crate::telemetry::handler_time(shared.inbox.consumer(), began.elapsed());
                     handled.map_err(|e| Step::Handler(e.to_string()))?;
-                    tx.commit().await.map_err(|e| Step::Db(e.to_string()))?;
+                    // A deferred constraint the handler's writes break fails here: the message's
+                    // fault, retried in place and then poison like any handler failure.
+                    tx.commit().await.map_err(|e| match crate::classify::postgres(&e).class {
+                        "pg.constraint" | "pg.data" => Step::Handler(e.to_string()),
+                        _ => Step::db(e),
+                    })?;
                     Ok(InboxOutcome::Processed)
                 }
                 InboxOutcome::Duplicate => {
-                    tx.commit().await.map_err(|e| Step::Db(e.to_string()))?;
+                    tx.commit().await.map_err(Step::db)?;
                     Ok(InboxOutcome::Duplicate)
                 }
                 conflict => Ok(conflict),
@@ -219,23 +224,56 @@ async fn apply_one<H: Handler>(shared: &Shared<H>, db: &mut Option<Client>, m: &
                     retry_in_ms = delay.as_millis() as u64, error = %error, "handler failed; retrying");
                 tokio::time::sleep(delay).await;
             }
-            Err(Step::Db(error)) => {
+            Err(Step::Refused { class, error }) if db_failures + 1 >= REFUSED_ATTEMPTS => {
+                // The same refusal every time (a missing grant, a schema not migrated): retrying
+                // forever would only hide it. Stop, and say what to check.
+                tracing::error!(message_id = %m.id, error_class = class, error = %error,
+                    "the inbox database keeps refusing; stopping the consumer");
+                *shared.failure.lock().expect("lock") =
+                    Some(ConsumerError::DatabaseRefused { class, error, attempts: db_failures + 1 });
+                shared.abort.cancel();
+                return Next::Stop;
+            }
+            Err(Step::Unavailable(error) | Step::Refused { error, .. }) => {
                 // The database, not the message: back off and try again, without counting it
                 // against the message.
                 *db = None;
                 db_failures += 1;
                 let delay = shared.config.backoff.delay(db_failures.min(10));
                 tracing::warn!(message_id = %m.id, error = %error, retry_in_ms = delay.as_millis() as u64,
-                    "inbox database unavailable; retrying");
+                    "inbox database unavailable or refusing; retrying");
                 tokio::time::sleep(delay).await;
             }
         }
     }
 }
 
+/// How many times in a row the database may refuse a message's inbox statement with a permanent
+/// error (privilege, schema, data) before the runner stops; a refusal can be a migration running at
+/// that moment, so a few tries with backoff come first.
+const REFUSED_ATTEMPTS: u32 = 5;
+
+/// Why applying one message failed.
 enum Step {
-    Db(String),
+    /// No session, or it broke: retried without end (the database comes back).
+    Unavailable(String),
+    /// The database refused the inbox's statement in a way that repeats (classified permanent).
+    Refused { class: &'static str, error: String },
+    /// The handler failed: counted against the message.
     Handler(String),
+}
+
+impl Step {
+    /// A database error, classified where it enters.
+    fn db(e: tokio_postgres::Error) -> Self {
+        let c = crate::classify::postgres(&e);
+        match c.disposition {
+            crate::classify::Disposition::Permanent => {
+                Step::Refused { class: c.class, error: crate::classify::describe_postgres(&e) }
+            }
+            _ => Step::Unavailable(format!("{}: {}", c.class, crate::classify::describe_postgres(&e))),
+        }
+    }
 }
 
 async fn poison<H: Handler>(

@@ -653,3 +653,38 @@ async fn a_conflict_whose_dead_letter_cannot_be_written_is_not_acknowledged() {
     assert_eq!(stats.conflicts.load(Ordering::Relaxed), 1);
     assert_eq!((applied, distinct), (2, 2), "the first and the last message, each once");
 }
+
+/// The inbox table refuses writes the way a missing grant does: the runner does not retry
+/// forever in silence; it stops, says what to check, and acknowledges nothing, so a second run
+/// after the fix applies every message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_inbox_the_database_keeps_refusing_stops_the_runner_and_says_what_to_check() {
+    let s = TestSchema::new(2).await;
+    let table = effects_table(&s).await;
+    let topic = create_topic("inbox-refused", 1).await;
+    produce(&topic, &messages(3)).await;
+    let c = connect().await;
+    c.batch_execute(&s.q("CREATE FUNCTION __SCHEMA__.refuse() RETURNS trigger LANGUAGE plpgsql AS
+           $$ BEGIN RAISE EXCEPTION 'permission denied for table inbox' USING ERRCODE = '42501'; END $$;
+         CREATE TRIGGER refuse BEFORE INSERT ON __SCHEMA__.inbox
+           FOR EACH ROW EXECUTE FUNCTION __SCHEMA__.refuse();"))
+        .await
+        .unwrap();
+    let group = unique_name("g");
+    let r = start(config(&s, &topic, &group, "refused"), &table);
+    let first_run =
+        tokio::time::timeout(Duration::from_secs(60), r.task).await.expect("the runner stops by itself").unwrap();
+    let err = first_run.expect_err("a refusing inbox stops the runner");
+    let (applied_first, _) = effect_figures(&s, "refused").await;
+
+    c.batch_execute(&s.q("DROP TRIGGER refuse ON __SCHEMA__.inbox")).await.unwrap();
+    let r = start(config(&s, &topic, &group, "refused"), &table);
+    r.wait_seen(3, Duration::from_secs(60)).await;
+    r.stop().await;
+    let (applied, distinct) = effect_figures(&s, "refused").await;
+    println!("figures: first run stopped with {err}; effects after it {applied_first}; after the fix {applied} ({distinct} distinct)");
+    assert!(matches!(err, consumer::ConsumerError::DatabaseRefused { class: "pg.privilege_or_schema", .. }), "{err}");
+    assert!(err.to_string().contains("grants"), "the error says what to check: {err}");
+    assert_eq!(applied_first, 0);
+    assert_eq!((applied, distinct), (3, 3), "each message applied once after the fix");
+}
