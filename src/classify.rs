@@ -23,17 +23,17 @@ pub struct Classified {
     /// A short, stable label for logs and metrics (`kafka.timeout`, `pg.connection`, ...).
     pub class: &'static str,
     /// Whether the error says the broker (not this message) is unhealthy: feeds the breaker.
-    pub broker_health: bool,
+    pub blames_broker: bool,
     /// For permanent message errors, the dead-letter reason.
     pub reason: &'static str,
 }
 
-const fn retry(class: &'static str, broker_health: bool) -> Classified {
-    Classified { disposition: Disposition::Retry, class, broker_health, reason: "retries_exhausted" }
+const fn retry(class: &'static str, blames_broker: bool) -> Classified {
+    Classified { disposition: Disposition::Retry, class, blames_broker, reason: "retries_exhausted" }
 }
 
 const fn permanent(class: &'static str, reason: &'static str) -> Classified {
-    Classified { disposition: Disposition::Permanent, class, broker_health: false, reason }
+    Classified { disposition: Disposition::Permanent, class, blames_broker: false, reason }
 }
 
 /// Dead-letter reasons.
@@ -54,6 +54,12 @@ pub mod reason {
     pub const RETRIES_EXHAUSTED: &str = "retries_exhausted";
     /// The row is older than the configured maximum age.
     pub const MAX_AGE_EXCEEDED: &str = "max_age_exceeded";
+}
+
+/// A row that can never be sent as written (bad headers JSON, an invalid topic name, written by
+/// raw SQL): dead-lettered at once.
+pub const fn malformed_row() -> Classified {
+    permanent("row.malformed", reason::MALFORMED_ROW)
 }
 
 /// Classifies a librdkafka error code.
@@ -106,7 +112,7 @@ pub fn kafka_code(code: rdkafka::types::RDKafkaErrorCode) -> Classified {
         C::PurgeQueue | C::PurgeInflight | C::Fatal | C::GaplessGuarantee => Classified {
             disposition: Disposition::Resend,
             class: "kafka.producer_replaced",
-            broker_health: false,
+            blames_broker: false,
             reason: reason::RETRIES_EXHAUSTED,
         },
         _ => retry("kafka.other", false),
@@ -195,7 +201,7 @@ mod tests {
         ] {
             let k = kafka_code(c);
             assert_eq!(k.disposition, Disposition::Retry, "{c:?}");
-            assert!(k.broker_health, "{c:?} says the broker is unhealthy");
+            assert!(k.blames_broker, "{c:?} says the broker is unhealthy");
         }
         assert_eq!(kafka_code(C::MessageSizeTooLarge).reason, reason::MESSAGE_TOO_LARGE);
     }

@@ -49,18 +49,27 @@ pub(super) async fn deliver(shared: &Shared, rows: &[ClaimedRow]) -> Vec<Outcome
             pending.push(Sent::Held);
             continue;
         }
-        let sent = send_one(shared, &generation, row, deadline).await;
+        let sent = match send_one(shared, &generation, row, deadline).await {
+            // The producer queue stayed full until the deadline: this row fails, the rest of the
+            // batch is held.
+            Sent::QueueStayedFull => {
+                hold_rest = true;
+                Sent::Refused(
+                    "the producer queue stayed full until the batch deadline".into(),
+                    classify::kafka_code(RDKafkaErrorCode::QueueFull),
+                )
+            }
+            other => other,
+        };
         if let Sent::Retired = sent {
             hold_rest = true;
             pending.push(Sent::Held);
             continue;
         }
-        if let Sent::Refused(_, c) = &sent {
+        if let Sent::Refused(..) = &sent {
             if let Some(k) = row.key.as_deref() {
                 refused_keys.insert(k);
             }
-            // The producer queue stayed full until the deadline: hold the rest of the batch.
-            hold_rest |= c.class == "kafka.throttled";
         }
         pending.push(sent);
     }
@@ -109,7 +118,7 @@ pub(super) async fn deliver(shared: &Shared, rows: &[ClaimedRow]) -> Vec<Outcome
                 }
             },
             Sent::Refused(error, classified) => Outcome::Failed { error, classified },
-            Sent::Held | Sent::Retired => Outcome::Held,
+            Sent::Held | Sent::Retired | Sent::QueueStayedFull => Outcome::Held,
         };
         outcomes.push(outcome);
     }
@@ -185,18 +194,12 @@ enum Sent {
     Held,
     /// Not sent: the generation was retired (replaced) under the batch.
     Retired,
+    /// Not sent: librdkafka's queue stayed full until the batch deadline.
+    QueueStayedFull,
 }
 
 fn malformed(why: String) -> Sent {
-    Sent::Refused(
-        format!("malformed row: {why}"),
-        Classified {
-            disposition: Disposition::Permanent,
-            class: "row.malformed",
-            broker_health: false,
-            reason: reason::MALFORMED_ROW,
-        },
-    )
+    Sent::Refused(format!("malformed row: {why}"), classify::malformed_row())
 }
 
 async fn send_one(shared: &Shared, generation: &Generation, row: &ClaimedRow, deadline: tokio::time::Instant) -> Sent {
@@ -222,10 +225,7 @@ async fn send_one(shared: &Shared, generation: &Generation, row: &ClaimedRow, de
             Err(SendError::Kafka(KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
                 // librdkafka's queue is full: wait for acknowledgements to make room.
                 if tokio::time::Instant::now() >= deadline {
-                    return Sent::Refused(
-                        "the producer queue stayed full until the batch deadline".into(),
-                        classify::kafka_code(RDKafkaErrorCode::QueueFull),
-                    );
+                    return Sent::QueueStayedFull;
                 }
                 record = r;
                 tokio::time::sleep(Duration::from_millis(5)).await;

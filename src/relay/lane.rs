@@ -118,7 +118,7 @@ pub(crate) async fn run_lane(
                 Outcome::Acked(a) => acked.push(a),
                 Outcome::Held => {}
                 Outcome::Failed { error, classified } => {
-                    broker_failure |= classified.broker_health;
+                    broker_failure |= classified.blames_broker;
                     match decide(&shared, row, &classified, breaker_was_closed) {
                         Decision::DeadLetter(why) => {
                             crate::telemetry::dead_lettered(&row.topic, why);
@@ -311,7 +311,7 @@ fn decide(shared: &Shared, row: &ClaimedRow, c: &Classified, breaker_was_closed:
         Disposition::Resend => return Decision::Untouched,
         Disposition::Retry => {}
     }
-    if c.broker_health && !breaker_was_closed {
+    if c.blames_broker && !breaker_was_closed {
         return Decision::Untouched;
     }
     let attempts = row.attempts + 1;
