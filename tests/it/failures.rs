@@ -19,7 +19,7 @@ use crate::support::pg_tls::TlsPostgres;
 use crate::support::proxy::Proxy;
 use crate::support::relay::{config, InProcess};
 use crate::support::workload::{wait_until_empty, wait_until_empty_on, write_concurrently, write_paced};
-use crate::support::{connect, count, database_url, unique_name, TestSchema};
+use crate::support::{connect, count, database_url, eventually, unique_name, TestSchema};
 
 fn mock_with_topic(partitions: i32) -> (MockCluster<'static, rdkafka::producer::DefaultProducerContext>, String) {
     let mock = MockCluster::new(1).expect("mock cluster");
@@ -186,11 +186,14 @@ async fn a_record_the_broker_refuses_for_good_holds_back_the_later_rows_of_its_k
     for _ in 0..5 {
         others.push((enqueue_one(&s, &topic, "other").await, "other".to_owned()));
     }
-    let start = Instant::now();
-    while count(&c, &s.q("SELECT count(*) FROM __SCHEMA__.messages WHERE key = 'other'")).await > 0 {
-        assert!(start.elapsed() < Duration::from_secs(30), "other keys are delivered");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let (c, sql) = (&c, &s.q("SELECT count(*) FROM __SCHEMA__.messages WHERE key = 'other'"));
+    eventually(Duration::from_secs(30), Duration::from_millis(100), || async move {
+        match count(c, sql).await {
+            0 => Ok(()),
+            n => Err(format!("{n} rows of other keys not delivered")),
+        }
+    })
+    .await;
     tokio::time::sleep(Duration::from_secs(1)).await;
     let stats = relay.shutdown().await;
     let waiting: Vec<Uuid> = c
@@ -491,16 +494,15 @@ async fn park_key_holds_later_rows_of_the_key_until_an_operator_acts() {
     cfg.dead_letter_policy = DeadLetterPolicy::ParkKey;
     cfg.sweep_interval = Duration::from_secs(600);
     let relay = InProcess::start(cfg);
-    let start = Instant::now();
-    loop {
-        let left = count(&c, &s.q("SELECT count(*) FROM __SCHEMA__.messages")).await;
-        let dead = count(&c, &s.q("SELECT count(*) FROM __SCHEMA__.dead_letters")).await;
-        if left == 5 && dead == 1 {
-            break;
+    let (cr, left_sql, dead_sql) =
+        (&c, &s.q("SELECT count(*) FROM __SCHEMA__.messages"), &s.q("SELECT count(*) FROM __SCHEMA__.dead_letters"));
+    eventually(Duration::from_secs(30), Duration::from_millis(100), || async move {
+        match (count(cr, left_sql).await, count(cr, dead_sql).await) {
+            (5, 1) => Ok(()),
+            (left, dead) => Err(format!("left {left}, dead {dead}")),
         }
-        assert!(start.elapsed() < Duration::from_secs(30), "left {left}, dead {dead}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    })
+    .await;
     // Hold for a while: nothing of the parked key moves.
     tokio::time::sleep(Duration::from_secs(2)).await;
     let waiting = count(&c, &s.q("SELECT count(*) FROM __SCHEMA__.messages WHERE key = 'parked'")).await;
@@ -509,11 +511,13 @@ async fn park_key_holds_later_rows_of_the_key_until_an_operator_acts() {
     for i in 5..10 {
         outbox.enqueue(&c, &msg(&format!("free-{i}"), 10)).await.unwrap();
     }
-    let start = Instant::now();
-    while count(&c, &s.q("SELECT count(*) FROM __SCHEMA__.messages")).await > 5 {
-        assert!(start.elapsed() < Duration::from_secs(30), "rows of free keys wait behind a parked key");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    eventually(Duration::from_secs(30), Duration::from_millis(100), || async move {
+        match count(cr, left_sql).await {
+            n if n <= 5 => Ok(()),
+            n => Err(format!("{n} rows left: rows of free keys wait behind a parked key")),
+        }
+    })
+    .await;
     let free = read_topic(&topic, 10, Duration::from_secs(30));
     // The operator discards the dead letter, which unparks the key.
     let dead_id = ids[0].to_string();
@@ -619,26 +623,26 @@ async fn relay_recovers_by_itself_from_killed_sessions_and_a_server_restart() {
     server.restart();
     let restarted_at = Instant::now();
     // Recovery: every lane owned again after the restart cut all sessions.
-    let lanes_back = loop {
-        if relay.stats.lanes_acquired.load(Ordering::Relaxed) >= acquired_before + 4 {
-            break restarted_at.elapsed();
+    let stats = &relay.stats;
+    let (_, lanes_back) = eventually(Duration::from_secs(60), Duration::from_millis(50), || async move {
+        match stats.lanes_acquired.load(Ordering::Relaxed) - acquired_before {
+            n if n >= 4 => Ok(()),
+            n => Err(format!("{n} of 4 lanes re-acquired after the restart")),
         }
-        assert!(restarted_at.elapsed() < Duration::from_secs(60), "lanes not re-acquired after the restart");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    })
+    .await;
     let committed = writer.await.unwrap();
-    let start = Instant::now();
-    loop {
-        let left = match db.connect().await {
-            Ok(c) => count(&c, "SELECT count(*) FROM restart_outbox.messages").await,
-            Err(_) => -1,
-        };
-        if left == 0 {
-            break;
+    let db_ref = &db;
+    eventually(Duration::from_secs(120), Duration::from_millis(200), || async move {
+        match db_ref.connect().await {
+            Ok(c) => match count(&c, "SELECT count(*) FROM restart_outbox.messages").await {
+                0 => Ok(()),
+                left => Err(format!("{left} rows left")),
+            },
+            Err(e) => Err(format!("cannot connect: {e}")),
         }
-        assert!(start.elapsed() < Duration::from_secs(120), "{left} rows left");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    })
+    .await;
     let recovered = restarted_at.elapsed();
     let stats = relay.shutdown().await;
     let received = read_topic(&topic, committed.len(), Duration::from_secs(60));

@@ -11,7 +11,7 @@ use uuid::Uuid;
 use crate::support::kafka::{create_topic, read_topic};
 use crate::support::relay::{config, InProcess};
 use crate::support::workload::wait_until_empty;
-use crate::support::{connect, count, database_url, kafka_brokers, TestSchema};
+use crate::support::{connect, count, database_url, eventually, kafka_brokers, TestSchema};
 
 fn cli(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_outbox-relay"))
@@ -229,11 +229,14 @@ async fn inbox_dead_letters_are_replayed_by_republishing_and_then_applied() {
     let stop = tokio_util::sync::CancellationToken::new();
     let stats = Arc::new(ConsumerStats::default());
     let task = tokio::spawn(consumer::run(cfg, Arc::new(Blockable(s.name.ident())), stop.clone(), stats.clone()));
-    let start = Instant::now();
-    while stats.processed.load(Ordering::Relaxed) + stats.dead_lettered.load(Ordering::Relaxed) < 3 {
-        assert!(start.elapsed() < Duration::from_secs(60));
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let st = &stats;
+    eventually(Duration::from_secs(60), Duration::from_millis(50), || async move {
+        match st.processed.load(Ordering::Relaxed) + st.dead_lettered.load(Ordering::Relaxed) {
+            n if n >= 3 => Ok(()),
+            n => Err(format!("{n} of 3 messages processed or dead-lettered")),
+        }
+    })
+    .await;
     let listed = ok(&cli(&["dlq", "list", "--inbox", "--schema", s.name.as_str(), "--json"]));
     let v: serde_json::Value = serde_json::from_str(listed.trim()).unwrap();
     assert_eq!(v["reason"], "handler_failed");
@@ -243,11 +246,14 @@ async fn inbox_dead_letters_are_replayed_by_republishing_and_then_applied() {
     c.execute(&s.q("DELETE FROM __SCHEMA__.blocked"), &[]).await.unwrap();
     let out = ok(&cli(&["dlq", "replay", "--inbox", "--schema", s.name.as_str(), "--id", &dl, "--yes"]));
     assert!(out.contains("replayed 1"), "{out}");
-    let start = Instant::now();
-    while count(&c, &s.q("SELECT count(*) FROM __SCHEMA__.applied")).await < 3 {
-        assert!(start.elapsed() < Duration::from_secs(60), "the replayed message was not applied");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let (cr, sql) = (&c, &s.q("SELECT count(*) FROM __SCHEMA__.applied"));
+    eventually(Duration::from_secs(60), Duration::from_millis(100), || async move {
+        match count(cr, sql).await {
+            n if n >= 3 => Ok(()),
+            n => Err(format!("{n} of 3 applied: the replayed message was not")),
+        }
+    })
+    .await;
     stop.cancel();
     task.await.unwrap().unwrap();
     assert_eq!(count(&c, &s.q("SELECT count(DISTINCT id) FROM __SCHEMA__.applied")).await, 3);
@@ -302,14 +308,13 @@ async fn metrics_move_during_a_run_and_readyz_follows_the_broker() {
         .stdin(std::process::Stdio::null());
     let mut relay = crate::support::relay::RelayProcess { child: relay.spawn().unwrap() };
 
-    let start = Instant::now();
-    loop {
-        if let Some((200, _)) = http_get(port, "/readyz").await {
-            break;
+    eventually(Duration::from_secs(30), Duration::from_millis(200), || async move {
+        match http_get(port, "/readyz").await {
+            Some((200, _)) => Ok(()),
+            other => Err(format!("not ready: {other:?}")),
         }
-        assert!(start.elapsed() < Duration::from_secs(30), "never ready: {:?}", http_get(port, "/readyz").await);
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    })
+    .await;
     assert_eq!(http_get(port, "/healthz").await.map(|r| r.0), Some(200));
     // The container health check command asks the same endpoints.
     let probe = |ready: bool| {
@@ -344,6 +349,7 @@ async fn metrics_move_during_a_run_and_readyz_follows_the_broker() {
     let label = format!("topic=\"{topic}\"");
     let mut seen = Vec::new();
     let mut max_backlog = 0.0f64;
+    let start = Instant::now();
     while !writer.is_finished() || count(&c, &s.q("SELECT count(*) FROM __SCHEMA__.messages")).await > 0 {
         if let Some((200, body)) = http_get(port, "/metrics").await {
             seen.push(metric(&body, "outbox_relay_delivered_total", &label));
@@ -377,27 +383,27 @@ async fn metrics_move_during_a_run_and_readyz_follows_the_broker() {
 
     // Broker down: unready; back: ready again.
     mock.broker_down(1).unwrap();
-    let down = Instant::now();
-    let (unready, unready_after) = loop {
-        if let Some((503, body)) = http_get(port, "/readyz").await {
-            break (body, down.elapsed());
+    let (unready, unready_after) = eventually(Duration::from_secs(30), Duration::from_millis(200), || async move {
+        match http_get(port, "/readyz").await {
+            Some((503, body)) => Ok(body),
+            other => Err(format!("still ready with the broker down: {other:?}")),
         }
-        assert!(down.elapsed() < Duration::from_secs(30), "still ready with the broker down");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
+    })
+    .await;
     assert!(unready.contains("broker"), "{unready}");
     let probe_down = probe(true);
     assert!(!probe_down.status.success(), "health --ready fails while unready");
     assert!(String::from_utf8_lossy(&probe_down.stderr).contains("503"));
     mock.broker_up(1).unwrap();
-    let up = Instant::now();
-    while http_get(port, "/readyz").await.map(|r| r.0) != Some(200) {
-        assert!(up.elapsed() < Duration::from_secs(30), "not ready again after the broker came back");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    let (_, ready_after) = eventually(Duration::from_secs(30), Duration::from_millis(200), || async move {
+        match http_get(port, "/readyz").await {
+            Some((200, _)) => Ok(()),
+            other => Err(format!("not ready again after the broker came back: {other:?}")),
+        }
+    })
+    .await;
     println!(
-        "figures: unready {unready_after:?} after the broker went down, ready again {:?} after it came back",
-        up.elapsed()
+        "figures: unready {unready_after:?} after the broker went down, ready again {ready_after:?} after it came back",
     );
     assert_eq!(relay.terminate(Duration::from_secs(30)), Some(0));
 }

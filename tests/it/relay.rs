@@ -13,7 +13,7 @@ use uuid::Uuid;
 use crate::support::kafka::{create_topic, figures, read_topic};
 use crate::support::relay::{config, InProcess, RelayProcess};
 use crate::support::workload::{wait_until_empty, write_concurrently, write_paced};
-use crate::support::{connect, count, TestSchema};
+use crate::support::{connect, count, eventually, TestSchema};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rows_from_8_concurrent_writers_all_arrive_in_key_order() {
@@ -358,11 +358,14 @@ async fn claims_do_not_walk_rows_deleted_under_a_held_snapshot() {
         }
     }
     // Counting the outbox would read the index itself: wait on the relay's own count instead.
-    let started = Instant::now();
-    while relay.stats.delivered.load(Ordering::Relaxed) < 2000 {
-        assert!(started.elapsed() < Duration::from_secs(60), "the relay did not deliver 2000 rows within 60 s");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let stats = &relay.stats;
+    eventually(Duration::from_secs(60), Duration::from_millis(50), || async move {
+        match stats.delivered.load(Ordering::Relaxed) {
+            n if n >= 2000 => Ok(()),
+            n => Err(format!("the relay delivered {n} of 2000 rows")),
+        }
+    })
+    .await;
     let stats = relay.shutdown().await;
     let reads = index_reads().await - before;
     let dead: i64 = c
@@ -506,11 +509,14 @@ async fn archive_and_idempotency_keys_are_pruned_by_age() {
            WHERE id IN (SELECT id FROM __SCHEMA__.idempotency_keys LIMIT 20);"))
         .await
         .unwrap();
-    let start = Instant::now();
-    while relay.stats.pruned.load(Ordering::Relaxed) < 45 {
-        assert!(start.elapsed() < Duration::from_secs(30), "pruned {}", relay.stats.pruned.load(Ordering::Relaxed));
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let stats = &relay.stats;
+    eventually(Duration::from_secs(30), Duration::from_millis(100), || async move {
+        match stats.pruned.load(Ordering::Relaxed) {
+            n if n >= 45 => Ok(()),
+            n => Err(format!("pruned {n} of 45")),
+        }
+    })
+    .await;
     relay.shutdown().await;
     let archive_left = count(&c, &s.q("SELECT count(*) FROM __SCHEMA__.delivered")).await;
     let keys_left = count(&c, &s.q("SELECT count(*) FROM __SCHEMA__.idempotency_keys")).await;

@@ -9,10 +9,29 @@ pub mod relay;
 pub mod workload;
 
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
 
 use outbox_relay::db::DbConfig;
 use outbox_relay::schema::{self, SchemaName};
 use tokio_postgres::Client;
+
+/// Waits until `look` reports done (`Ok`), looking every `poll`; panics after `within` with what the
+/// last look reported (`Err`). Returns the value and how long it took. The tests' one wait-until
+/// loop.
+pub async fn eventually<R, F, Fut>(within: Duration, poll: Duration, mut look: F) -> (R, Duration)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<R, String>>,
+{
+    let start = std::time::Instant::now();
+    loop {
+        match look().await {
+            Ok(r) => return (r, start.elapsed()),
+            Err(status) => assert!(start.elapsed() < within, "not within {within:?}: {status}"),
+        }
+        tokio::time::sleep(poll).await;
+    }
+}
 
 /// The PostgreSQL URL the tests use. Missing is a failure, not a skip.
 pub fn database_url() -> String {

@@ -39,11 +39,16 @@ impl InProcess {
 
     /// Waits until the relay has taken `n` lanes (counting every acquisition); panics after `within`.
     pub async fn wait_lanes(&self, n: u64, within: Duration) {
-        let start = std::time::Instant::now();
-        while self.stats.lanes_acquired.load(std::sync::atomic::Ordering::Relaxed) < n {
-            assert!(start.elapsed() < within, "the relay took fewer than {n} lanes in {within:?}");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        let stats = &self.stats;
+        super::eventually(within, Duration::from_millis(50), || async move {
+            let got = stats.lanes_acquired.load(std::sync::atomic::Ordering::Relaxed);
+            if got >= n {
+                Ok(())
+            } else {
+                Err(format!("the relay took {got} of {n} lanes"))
+            }
+        })
+        .await;
     }
 
     /// Graceful shutdown; panics if the relay failed.

@@ -1,6 +1,6 @@
 //! Workloads the tests share: concurrent writers, waiting for the outbox to drain.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use outbox_relay::outbox::{Outbox, OutboxMessage};
 use rand::Rng;
@@ -72,13 +72,14 @@ pub async fn wait_until_empty(s: &TestSchema, within: Duration) -> Duration {
 
 /// [`wait_until_empty`] on any client and schema (a test's own server), looking every `poll`.
 pub async fn wait_until_empty_on(c: &Client, schema: &SchemaName, within: Duration, poll: Duration) -> Duration {
-    let start = Instant::now();
-    loop {
-        let left = count(c, &schema.qualify("SELECT count(*) FROM __SCHEMA__.messages")).await;
-        if left == 0 {
-            return start.elapsed();
+    let sql = schema.qualify("SELECT count(*) FROM __SCHEMA__.messages");
+    let sql = &sql;
+    let (_, took) = super::eventually(within, poll, || async move {
+        match count(c, sql).await {
+            0 => Ok(()),
+            left => Err(format!("{left} rows still in the outbox")),
         }
-        assert!(start.elapsed() < within, "{left} rows still in the outbox after {within:?}");
-        tokio::time::sleep(poll).await;
-    }
+    })
+    .await;
+    took
 }
