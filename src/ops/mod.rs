@@ -39,6 +39,9 @@ pub enum OpsError {
         /// The id.
         id: String,
     },
+    /// The schema is missing, not migrated, or its settings are broken.
+    #[error(transparent)]
+    Schema(#[from] crate::schema::MigrateError),
     /// The database refused.
     #[error("database: {0}")]
     Db(#[from] tokio_postgres::Error),

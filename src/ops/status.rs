@@ -68,67 +68,42 @@ pub struct InstanceRow {
 /// Reads the status.
 pub async fn status(client: &impl GenericClient, schema: &SchemaName) -> Result<Status, OpsError> {
     let q = |s: &str| schema.qualify(s);
-    let head = client
-        .query_one(
-            &q("SELECT count(*), coalesce(extract(epoch FROM now() - min(created_at)), 0)::float8,
-                       count(*) FILTER (WHERE next_attempt_at > now())
-                FROM __SCHEMA__.messages"),
-            &[],
-        )
-        .await?;
-    let by_lane = client
-        .query(
-            &q("SELECT topic, lane, count(*), extract(epoch FROM now() - min(created_at))::float8
-                FROM __SCHEMA__.messages GROUP BY topic, lane ORDER BY topic, lane"),
-            &[],
-        )
-        .await?;
-    let dead = client
-        .query(&q("SELECT reason, count(*) FROM __SCHEMA__.dead_letters GROUP BY reason ORDER BY 2 DESC"), &[])
-        .await?;
-    let inbox_dead = client
-        .query(
-            &q("SELECT consumer, reason, count(*) FROM __SCHEMA__.inbox_dead_letters GROUP BY 1, 2 ORDER BY 3 DESC"),
-            &[],
-        )
-        .await?;
-    let instances = client
-        .query(
-            &q("SELECT instance_id, hostname, pid, lanes, breaker_state,
-                       extract(epoch FROM now() - heartbeat_at)::float8
-                FROM __SCHEMA__.relay_instances ORDER BY started_at"),
-            &[],
-        )
-        .await?;
-    let parked = client
-        .query(&q("SELECT key, dead_letter_id FROM __SCHEMA__.parked_keys ORDER BY parked_at LIMIT 1000"), &[])
-        .await?;
-    let lanes: i64 =
-        client.query_one(&q("SELECT value::bigint FROM __SCHEMA__.settings WHERE name = 'lanes'"), &[]).await?.get(0);
+    let head = client.query_one(&q(include_str!("../sql/status_backlog.sql")), &[]).await?;
+    let by_lane = client.query(&q(include_str!("../sql/status_by_lane.sql")), &[]).await?;
+    let dead = client.query(&q(include_str!("../sql/status_dead_letters.sql")), &[]).await?;
+    let inbox_dead = client.query(&q(include_str!("../sql/status_inbox_dead_letters.sql")), &[]).await?;
+    let instances = client.query(&q(include_str!("../sql/status_instances.sql")), &[]).await?;
+    let parked = client.query(&q(include_str!("../sql/status_parked_keys.sql")), &[]).await?;
+    let lanes = crate::schema::check_installed(client, schema).await?.lanes;
     let instances: Vec<InstanceRow> = instances
         .iter()
         .map(|r| InstanceRow {
-            instance_id: r.get(0),
-            hostname: r.get(1),
-            pid: r.get(2),
-            lanes: r.get(3),
-            breaker_state: r.get(4),
-            heartbeat_age_seconds: r.get(5),
+            instance_id: r.get("instance_id"),
+            hostname: r.get("hostname"),
+            pid: r.get("pid"),
+            lanes: r.get("lanes"),
+            breaker_state: r.get("breaker_state"),
+            heartbeat_age_seconds: r.get("heartbeat_age_s"),
         })
         .collect();
     let owned: std::collections::HashSet<i16> = instances.iter().flat_map(|i| i.lanes.iter().copied()).collect();
     Ok(Status {
-        backlog: head.get(0),
-        oldest_pending_seconds: head.get(1),
-        waiting_for_retry: head.get(2),
+        backlog: head.get("pending"),
+        oldest_pending_seconds: head.get("oldest_s"),
+        waiting_for_retry: head.get("waiting"),
         backlog_by_topic_and_lane: by_lane
             .iter()
-            .map(|r| BacklogRow { topic: r.get(0), lane: r.get(1), rows: r.get(2), oldest_seconds: r.get(3) })
+            .map(|r| BacklogRow {
+                topic: r.get("topic"),
+                lane: r.get("lane"),
+                rows: r.get("pending"),
+                oldest_seconds: r.get("oldest_s"),
+            })
             .collect(),
-        dead_letters_by_reason: dead.iter().map(|r| (r.get(0), r.get(1))).collect(),
-        inbox_dead_letters: inbox_dead.iter().map(|r| (r.get(0), r.get(1), r.get(2))).collect(),
+        dead_letters_by_reason: dead.iter().map(|r| (r.get("reason"), r.get("n"))).collect(),
+        inbox_dead_letters: inbox_dead.iter().map(|r| (r.get("consumer"), r.get("reason"), r.get("n"))).collect(),
         instances,
-        parked_keys: parked.iter().map(|r| (r.get(0), r.get(1))).collect(),
+        parked_keys: parked.iter().map(|r| (r.get("key"), r.get("dead_letter_id"))).collect(),
         unowned_lanes: (0..lanes as i16).filter(|l| !owned.contains(l)).collect(),
         outbox_dead_tuples: crate::horizon::dead_tuples(client, schema).await?,
         oldest_snapshots: crate::horizon::snapshot_holders(client, 3).await?,

@@ -35,69 +35,18 @@ pub async fn trace(
     id: Uuid,
 ) -> Result<Trace, OpsError> {
     let json_rows =
-        |rows: Vec<tokio_postgres::Row>| -> Vec<serde_json::Value> { rows.iter().map(|r| r.get(0)).collect() };
+        |rows: Vec<tokio_postgres::Row>| -> Vec<serde_json::Value> { rows.iter().map(|r| r.get("doc")).collect() };
     let q = |s: &str| schema.qualify(s);
     let mut t = Trace { message_id: Some(id), ..Default::default() };
-    t.pending = outbox_db
-        .query_opt(
-            &q("SELECT jsonb_build_object('topic', topic, 'key', key, 'lane', lane, 'seq', seq, 'created_at', created_at,
-                       'attempts', attempts, 'last_error', last_error, 'next_attempt_at', next_attempt_at,
-                       'first_failed_at', first_failed_at)
-                FROM __SCHEMA__.messages WHERE id = $1"),
-            &[&id],
-        )
-        .await?
-        .map(|r| r.get(0));
-    t.delivered = json_rows(
-        outbox_db
-            .query(
-                &q("SELECT jsonb_build_object('topic', kafka_topic, 'partition', kafka_partition, 'offset', kafka_offset,
-                           'delivered_at', delivered_at, 'attempts', attempts)
-                    FROM __SCHEMA__.delivered WHERE id = $1 ORDER BY delivered_at"),
-                &[&id],
-            )
-            .await?,
-    );
-    t.dead_letter = outbox_db
-        .query_opt(
-            &q("SELECT jsonb_build_object('topic', topic, 'key', key, 'reason', reason, 'error_class', error_class,
-                       'last_error', last_error, 'attempts', attempts, 'created_at', created_at,
-                       'first_failed_at', first_failed_at, 'dead_lettered_at', dead_lettered_at)
-                FROM __SCHEMA__.dead_letters WHERE id = $1"),
-            &[&id],
-        )
-        .await?
-        .map(|r| r.get(0));
-    t.audit = json_rows(
-        outbox_db
-            .query(
-                &q("SELECT jsonb_build_object('at', at, 'actor', actor, 'action', action, 'source', source, 'why', why)
-                    FROM __SCHEMA__.audit_log WHERE target = $1::text ORDER BY at"),
-                &[&id.to_string()],
-            )
-            .await?,
-    );
+    t.pending = outbox_db.query_opt(&q(include_str!("../sql/trace_pending.sql")), &[&id]).await?.map(|r| r.get("doc"));
+    t.delivered = json_rows(outbox_db.query(&q(include_str!("../sql/trace_delivered.sql")), &[&id]).await?);
+    t.dead_letter =
+        outbox_db.query_opt(&q(include_str!("../sql/trace_dead_letter.sql")), &[&id]).await?.map(|r| r.get("doc"));
+    t.audit = json_rows(outbox_db.query(&q(include_str!("../sql/trace_audit.sql")), &[&id.to_string()]).await?);
     if let Some(inbox) = inbox_db {
-        t.processed_by = json_rows(
-            inbox
-                .query(
-                    &q("SELECT jsonb_build_object('consumer', consumer, 'processed_at', processed_at, 'topic', topic,
-                               'partition', kafka_partition, 'offset', kafka_offset)
-                        FROM __SCHEMA__.inbox WHERE message_id = $1 ORDER BY processed_at"),
-                    &[&id],
-                )
-                .await?,
-        );
-        t.inbox_dead_letters = json_rows(
-            inbox
-                .query(
-                    &q("SELECT jsonb_build_object('id', dead_letter_id, 'consumer', consumer, 'reason', reason,
-                               'error', error, 'attempts', attempts, 'dead_lettered_at', dead_lettered_at)
-                        FROM __SCHEMA__.inbox_dead_letters WHERE message_id = $1"),
-                    &[&id],
-                )
-                .await?,
-        );
+        t.processed_by = json_rows(inbox.query(&q(include_str!("../sql/trace_processed.sql")), &[&id]).await?);
+        t.inbox_dead_letters =
+            json_rows(inbox.query(&q(include_str!("../sql/trace_inbox_dead_letters.sql")), &[&id]).await?);
     }
     Ok(t)
 }

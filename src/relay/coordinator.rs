@@ -188,35 +188,15 @@ impl Coordinator {
         let Some(control) = self.control().await else { return Ok(None) };
         control
             .execute(
-                &schema.qualify(
-                    "INSERT INTO __SCHEMA__.relay_instances (instance_id, hostname, pid, version, lanes, breaker_state)
-                     VALUES ($1, $2, $3, $4, $5, $6)
-                     ON CONFLICT (instance_id) DO UPDATE
-                     SET heartbeat_at = now(), lanes = EXCLUDED.lanes, breaker_state = EXCLUDED.breaker_state",
-                ),
+                &schema.qualify(include_str!("../sql/heartbeat.sql")),
                 &[&id, &host, &(std::process::id() as i32), &env!("CARGO_PKG_VERSION"), &lanes, &breaker],
             )
             .await?;
-        // Rows of instances gone for long are removed, so `status` shows the living.
-        control
-            .execute(
-                &schema.qualify(
-                    "DELETE FROM __SCHEMA__.relay_instances
-                     WHERE heartbeat_at < now() - ($1::bigint * 3) * interval '1 millisecond'",
-                ),
-                &[&timeout_ms],
-            )
-            .await?;
+        control.execute(&schema.qualify(include_str!("../sql/reap_instances.sql")), &[&timeout_ms]).await?;
         let live: i64 = control
-            .query_one(
-                &schema.qualify(
-                    "SELECT count(*) FROM __SCHEMA__.relay_instances
-                     WHERE heartbeat_at > now() - $1::bigint * interval '1 millisecond' OR instance_id = $2",
-                ),
-                &[&timeout_ms, &id],
-            )
+            .query_one(&schema.qualify(include_str!("../sql/live_instances.sql")), &[&timeout_ms, &id])
             .await?
-            .get(0);
+            .get("live");
         Ok(Some(live))
     }
 
@@ -224,16 +204,10 @@ impl Coordinator {
         let lock_class = self.lock_class;
         let Some(control) = self.control().await else { return Ok(()) };
         let taken: Vec<i32> = control
-            .query(
-                "SELECT objid::bigint::int FROM pg_locks
-                 WHERE locktype = 'advisory' AND granted AND objsubid = 2
-                   AND database = (SELECT oid FROM pg_database WHERE datname = current_database())
-                   AND classid = $1::bigint::oid",
-                &[&i64::from(lock_class)],
-            )
+            .query(include_str!("../sql/taken_lanes.sql"), &[&i64::from(lock_class)])
             .await?
             .iter()
-            .map(|r| r.get(0))
+            .map(|r| r.get("lane"))
             .collect();
         let mut free: Vec<i16> = (0..self.lanes_total as i16)
             .filter(|l| !taken.contains(&i32::from(*l)) && !self.owned.contains_key(l))
@@ -275,7 +249,7 @@ impl Coordinator {
         let schema = self.config().schema.clone();
         let Some(control) = self.control().await else { return Ok(()) };
         let row = control.query_one(&schema.qualify(include_str!("../sql/backlog.sql")), &[&lanes, &from]).await?;
-        let (rows, oldest, head): (i64, f64, f64) = (row.get(0), row.get(1), row.get(2));
+        let (rows, oldest, head): (i64, f64, f64) = (row.get("pending"), row.get("oldest_s"), row.get("head_s"));
         crate::telemetry::backlog(rows, Duration::from_secs_f64(oldest.max(0.0)));
         self.shared.health.set_oldest_head(Duration::from_secs_f64(head.max(0.0)));
         self.observe_horizon().await
@@ -330,7 +304,7 @@ impl Coordinator {
 
     async fn deregister(&mut self) {
         let id = self.config().instance_id;
-        let sql = self.config().schema.qualify("DELETE FROM __SCHEMA__.relay_instances WHERE instance_id = $1");
+        let sql = self.config().schema.qualify(include_str!("../sql/deregister.sql"));
         if let Some(control) = self.control().await {
             if let Err(e) = control.execute(&sql, &[&id]).await {
                 tracing::warn!(error = %e, "could not deregister; the row expires by itself");

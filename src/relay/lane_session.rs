@@ -103,6 +103,25 @@ pub enum LaneDbError {
     Timeout(std::time::Duration),
 }
 
+/// The columns of `claim.sql`, in the order [`LaneSession::claim`] reads them.
+const CLAIM_COLUMNS: [&str; 15] = [
+    "seq",
+    "id",
+    "topic",
+    "key",
+    "payload",
+    "headers",
+    "message_type",
+    "content_type",
+    "correlation_id",
+    "traceparent",
+    "created_at",
+    "attempts",
+    "waiting",
+    "wait_ms",
+    "age_ms",
+];
+
 /// A lane's session and its prepared statements.
 pub struct LaneSession {
     client: Client,
@@ -149,8 +168,10 @@ impl LaneSession {
     ) -> Result<Option<Self>, ConnectError> {
         let (client, closed) = db.connect_watched().await?;
         let session = async {
-            let got: bool =
-                client.query_one("SELECT pg_try_advisory_lock($1, $2)", &[&lock_class, &i32::from(lane)]).await?.get(0);
+            let got: bool = client
+                .query_one(include_str!("../sql/lane_lock_try.sql"), &[&lock_class, &i32::from(lane)])
+                .await?
+                .get("got");
             if !got {
                 return Ok(None);
             }
@@ -159,6 +180,12 @@ impl LaneSession {
             // delivered again, which at-least-once allows and the inbox absorbs (ARCHITECTURE.md).
             client.batch_execute("SET synchronous_commit = off").await?;
             let claim = client.prepare(&schema.qualify(include_str!("../sql/claim.sql"))).await?;
+            // The claim's rows are read by position (the hot path); the names pin the positions.
+            debug_assert_eq!(
+                claim.columns().iter().map(|c| c.name()).collect::<Vec<_>>(),
+                CLAIM_COLUMNS,
+                "claim.sql's columns and ClaimedRow's reads are out of step"
+            );
             let delete = client.prepare(&schema.qualify(include_str!("../sql/delete_acked.sql"))).await?;
             let archive = if archive {
                 Some(client.prepare(&schema.qualify(include_str!("../sql/archive_acked.sql"))).await?)
