@@ -378,7 +378,7 @@ async fn latency_at(ctx: &Ctx, rate: f64, secs: f64) -> Res<(Histogram<u64>, His
 }
 
 /// A gentle, steady rate: what each delivered row costs (claims run per row) and how long it
-/// waits (commit→ack from the archive, whose `delivered_at` is the acknowledgement). Four writers,
+/// waits (commit→ack from the archive, whose `delivered_at` is the acknowledgement). Eight writers,
 /// one message per transaction, open loop; no consumer.
 async fn gentle_rate(ctx: &Ctx, rate: f64, secs: f64, run: usize) -> Res<(f64, Histogram<u64>, Histogram<u64>)> {
     let s = ctx.schema(&format!("gentle{}r{run}", rate as u64), 16).await?;
@@ -391,7 +391,7 @@ async fn gentle_rate(ctx: &Ctx, rate: f64, secs: f64, run: usize) -> Res<(f64, H
     let (claims0, delivered0) =
         (relay.stats.claims.load(Ordering::Relaxed), relay.stats.delivered.load(Ordering::Relaxed));
     let n = (rate * secs) as usize;
-    let lag = paced_writers(ctx, &s, &topic, rate, n, 4, |i, _| {
+    let lag = paced_writers(ctx, &s, &topic, rate, n, 8, |i, _| {
         format!(
             "{{\"order\":{i},\"customer\":\"c-{}\",\"amount_cents\":{},\"note\":\"{}\"}}",
             i % 997,
@@ -630,7 +630,7 @@ async fn throughput(ctx: &mut Ctx, n: usize) -> Res<f64> {
 /// each; the median run (by p99) and the spread of the three.
 async fn gentle_rates(ctx: &mut Ctx, secs: f64) -> Res<()> {
     ctx.say(&format!(
-        "\n## 6. Gentle rates (16 lanes, 4 writers, one message per transaction, JSON ~200 B; {secs:.0} s runs, median of 3 by p99, spread)\n"
+        "\n## 6. Gentle rates (16 lanes, 8 writer connections, one message per transaction, JSON ~200 B; {secs:.0} s runs, median of 3 by p99, spread)\n"
     ));
     ctx.say("| rate | claims per delivered row (3 runs) | commit→ack p50 / p99 / p99.9 / max (ms), median run | p99 of the 3 runs (ms) | writer lag p99 (ms) |");
     ctx.say("|---|---|---|---|---|");
