@@ -62,6 +62,18 @@ pub const fn malformed_row() -> Classified {
     permanent("row.malformed", reason::MALFORMED_ROW)
 }
 
+/// Why a consumer dead-lettered a message (`inbox_dead_letters.reason`).
+pub mod inbox_reason {
+    /// The message's id was processed before with another payload.
+    pub const CONFLICTING_PAYLOAD: &str = "conflicting_payload";
+    /// The handler kept failing (a poison message).
+    pub const HANDLER_FAILED: &str = "handler_failed";
+    /// The message has no id header.
+    pub const MISSING_ID: &str = "missing_id";
+    /// The id header is not a UUID.
+    pub const INVALID_ID: &str = "invalid_id";
+}
+
 /// Classifies a librdkafka error code.
 #[cfg(feature = "kafka")]
 pub fn kafka_code(code: rdkafka::types::RDKafkaErrorCode) -> Classified {

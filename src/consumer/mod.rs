@@ -286,13 +286,13 @@ fn decode(m: &BorrowedMessage<'_>, id_header: &str) -> ConsumedOrBad {
         headers,
     };
     match id_value {
-        None => ConsumedOrBad::NoId(msg, "missing_id"),
+        None => ConsumedOrBad::NoId(msg, crate::classify::inbox_reason::MISSING_ID),
         Some(v) => match std::str::from_utf8(&v).ok().and_then(|s| Uuid::parse_str(s).ok()) {
             Some(id) => {
                 msg.id = id;
                 ConsumedOrBad::Ok(msg)
             }
-            None => ConsumedOrBad::NoId(msg, "invalid_id"),
+            None => ConsumedOrBad::NoId(msg, crate::classify::inbox_reason::INVALID_ID),
         },
     }
 }

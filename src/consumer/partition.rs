@@ -207,7 +207,7 @@ async fn apply_one<H: Handler>(shared: &Shared<H>, db: &mut Option<Client>, m: &
                     db,
                     m,
                     Some(m.id),
-                    "conflicting_payload",
+                    crate::classify::inbox_reason::CONFLICTING_PAYLOAD,
                     "same message id, different payload digest",
                     1,
                 )
@@ -287,7 +287,16 @@ async fn poison<H: Handler>(
         PoisonPolicy::DeadLetter => {
             tracing::error!(message_id = %m.id, topic = %m.topic, partition = m.partition, offset = m.offset, attempts,
                 error = %error, "poison message dead-lettered; the partition goes on");
-            dead_letter(shared, db, m, Some(m.id), "handler_failed", error, attempts as i32).await
+            dead_letter(
+                shared,
+                db,
+                m,
+                Some(m.id),
+                crate::classify::inbox_reason::HANDLER_FAILED,
+                error,
+                attempts as i32,
+            )
+            .await
         }
         PoisonPolicy::Stop => {
             *shared.failure.lock().expect("lock") = Some(ConsumerError::Poison {
