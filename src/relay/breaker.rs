@@ -252,7 +252,8 @@ mod tests {
         }
     }
 
-    #[tokio::test]
+    // Paused time: the sleeps advance the clock exactly, without waiting.
+    #[tokio::test(start_paused = true)]
     async fn opens_after_consecutive_failures_probes_once_and_closes_on_success() {
         let b = Breaker::new(quick(), Arc::default());
         for _ in 0..4 {
