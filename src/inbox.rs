@@ -120,7 +120,7 @@ impl Inbox {
         Ok(Self {
             consumer: consumer.to_owned(),
             record_sql: schema.qualify(include_str!("sql/inbox_record.sql")),
-            digest_sql: schema.qualify("SELECT digest FROM __SCHEMA__.inbox WHERE consumer = $1 AND message_id = $2"),
+            digest_sql: schema.qualify(include_str!("sql/inbox_digest.sql")),
             batch_sql: schema.qualify(include_str!("sql/inbox_record_batch.sql")),
             purge_sql: schema.qualify(include_str!("sql/inbox_purge.sql")),
         })

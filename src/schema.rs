@@ -246,29 +246,18 @@ pub async fn migrate(
         }
     }
     let tx = client.transaction().await.map_err(db("begin"))?;
-    tx.execute(
-        "SELECT pg_advisory_xact_lock(hashtextextended('outbox-relay migrate ' || $1::text, 0))",
-        &[&schema.as_str()],
-    )
-    .await
-    .map_err(db("taking the migration lock"))?;
-    tx.batch_execute(&schema.qualify(
-        "CREATE SCHEMA IF NOT EXISTS __SCHEMA__;
-         CREATE TABLE IF NOT EXISTS __SCHEMA__.migrations (
-             version    integer PRIMARY KEY,
-             name       text NOT NULL,
-             checksum   text NOT NULL,
-             applied_at timestamptz NOT NULL DEFAULT now()
-         );",
-    ))
-    .await
-    .map_err(db("creating the schema and its migrations ledger"))?;
+    tx.execute(include_str!("sql/migrate_lock.sql"), &[&schema.as_str()])
+        .await
+        .map_err(db("taking the migration lock"))?;
+    tx.batch_execute(&schema.qualify(include_str!("sql/migrations_ledger.sql")))
+        .await
+        .map_err(db("creating the schema and its migrations ledger"))?;
 
     let rows = tx
-        .query(&schema.qualify("SELECT version, checksum FROM __SCHEMA__.migrations ORDER BY version"), &[])
+        .query(&schema.qualify(include_str!("sql/applied_migrations.sql")), &[])
         .await
         .map_err(db("reading the migrations ledger"))?;
-    let applied: Vec<(i32, String)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+    let applied: Vec<(i32, String)> = rows.iter().map(|r| (r.get("version"), r.get("checksum"))).collect();
     if let Some(&(found, _)) = applied.last() {
         if found > latest_version() {
             return Err(MigrateError::NewerThanBuild { schema: schema.clone(), found, known: latest_version() });
@@ -302,24 +291,30 @@ pub async fn migrate(
             continue;
         }
         tx.batch_execute(&m.render(schema, lanes)).await.map_err(db(format!("{} ({})", m.version, m.name)))?;
-        tx.execute(
-            &schema.qualify("INSERT INTO __SCHEMA__.migrations (version, name, checksum) VALUES ($1, $2, $3)"),
-            &[&m.version, &m.name, &m.checksum()],
-        )
-        .await
-        .map_err(db("recording the migration"))?;
+        tx.execute(&schema.qualify(include_str!("sql/record_migration.sql")), &[&m.version, &m.name, &m.checksum()])
+            .await
+            .map_err(db("recording the migration"))?;
         report.applied.push(m.version);
     }
     tx.commit().await.map_err(db("commit"))?;
     Ok(report)
 }
 
-async fn read_lanes(client: &impl tokio_postgres::GenericClient, schema: &SchemaName) -> Result<u16, MigrateError> {
+/// One row of the schema's settings.
+async fn read_setting(
+    client: &impl tokio_postgres::GenericClient,
+    schema: &SchemaName,
+    name: &'static str,
+) -> Result<String, MigrateError> {
     let row = client
-        .query_one(&schema.qualify("SELECT value FROM __SCHEMA__.settings WHERE name = 'lanes'"), &[])
+        .query_one(&schema.qualify(include_str!("sql/setting.sql")), &[&name])
         .await
-        .map_err(db("reading the lane count"))?;
-    let v: String = row.get(0);
+        .map_err(db(format!("reading the {name} setting")))?;
+    Ok(row.get("value"))
+}
+
+async fn read_lanes(client: &impl tokio_postgres::GenericClient, schema: &SchemaName) -> Result<u16, MigrateError> {
+    let v = read_setting(client, schema, "lanes").await?;
     match v.trim().parse::<u16>() {
         Ok(n) if (1..=MAX_LANES).contains(&n) => Ok(n),
         _ => Err(MigrateError::BadSetting {
@@ -367,11 +362,8 @@ pub async fn check_installed(
     client: &impl tokio_postgres::GenericClient,
     schema: &SchemaName,
 ) -> Result<SchemaInfo, MigrateError> {
-    let found: i32 = match client
-        .query_one(&schema.qualify("SELECT coalesce(max(version), 0) FROM __SCHEMA__.migrations"), &[])
-        .await
-    {
-        Ok(row) => row.get(0),
+    let found: i32 = match client.query_one(&schema.qualify(include_str!("sql/schema_version.sql")), &[]).await {
+        Ok(row) => row.get("version"),
         Err(e) if e.code() == Some(&SqlState::UNDEFINED_TABLE) || e.code() == Some(&SqlState::INVALID_SCHEMA_NAME) => 0,
         Err(e) => return Err(db("reading the migrations ledger")(e)),
     };
@@ -382,11 +374,7 @@ pub async fn check_installed(
         return Err(MigrateError::NotMigrated { schema: schema.clone(), found, needed: latest_version() });
     }
     let lanes = read_lanes(client, schema).await?;
-    let row = client
-        .query_one(&schema.qualify("SELECT value FROM __SCHEMA__.settings WHERE name = 'max_payload_bytes'"), &[])
-        .await
-        .map_err(db("reading max_payload_bytes"))?;
-    let max: String = row.get(0);
+    let max = read_setting(client, schema, "max_payload_bytes").await?;
     let max_payload_bytes =
         max.trim().parse::<usize>().ok().filter(|n| *n > 0).ok_or_else(|| MigrateError::BadSetting {
             schema: schema.clone(),

@@ -66,24 +66,11 @@ pub async fn list(
     filter.validate(source)?;
     let (cond, params) = filter.sql(source);
     let n = params.len();
-    let sql = match source {
-        Source::Relay => format!(
-            "SELECT id::text, id, NULL::text, topic, key, reason, error_class, last_error, attempts, created_at,
-                    dead_lettered_at, NULL::int, NULL::bigint, octet_length(payload), headers,
-                    CASE WHEN $2 THEN payload END
-             FROM {}.dead_letters WHERE {} ORDER BY dead_lettered_at DESC, seq DESC LIMIT $1",
-            schema.ident(),
-            shift(&cond, 2)
-        ),
-        Source::Inbox => format!(
-            "SELECT dead_letter_id::text, message_id, consumer, topic, encode(key, 'escape'), reason, NULL::text, error,
-                    attempts, NULL::timestamptz, dead_lettered_at, kafka_partition, kafka_offset, octet_length(payload), headers,
-                    CASE WHEN $2 THEN payload END
-             FROM {}.inbox_dead_letters WHERE {} ORDER BY dead_lettered_at DESC, dead_letter_id DESC LIMIT $1",
-            schema.ident(),
-            shift(&cond, 2)
-        ),
+    let template = match source {
+        Source::Relay => include_str!("../sql/list_dead_letters.sql"),
+        Source::Inbox => include_str!("../sql/list_inbox_dead_letters.sql"),
     };
+    let sql = schema.qualify(template).replace("__FILTER__", &shift(&cond, 2));
     let mut all: Vec<&(dyn ToSql + Sync)> = vec![&limit, &with_payload];
     all.extend(params.iter().map(|p| p.as_ref() as &(dyn ToSql + Sync)));
     debug_assert_eq!(all.len(), n + 2);
@@ -91,22 +78,22 @@ pub async fn list(
     Ok(rows
         .iter()
         .map(|r| DeadLetterView {
-            id: r.get(0),
-            message_id: r.get(1),
-            consumer: r.get(2),
-            topic: r.get(3),
-            key: r.get(4),
-            reason: r.get(5),
-            error_class: r.get(6),
-            error: r.get(7),
-            attempts: r.get(8),
-            created_at: r.get(9),
-            dead_lettered_at: r.get(10),
-            partition: r.get(11),
-            offset: r.get(12),
-            payload_bytes: r.get(13),
-            headers: r.get(14),
-            payload: payload_text(r.get(15)),
+            id: r.get("id"),
+            message_id: r.get("message_id"),
+            consumer: r.get("consumer"),
+            topic: r.get("topic"),
+            key: r.get("key"),
+            reason: r.get("reason"),
+            error_class: r.get("error_class"),
+            error: r.get("error"),
+            attempts: r.get("attempts"),
+            created_at: r.get("created_at"),
+            dead_lettered_at: r.get("dead_lettered_at"),
+            partition: r.get("kafka_partition"),
+            offset: r.get("kafka_offset"),
+            payload_bytes: r.get("payload_bytes"),
+            headers: r.get("headers"),
+            payload: payload_text(r.get("payload")),
         })
         .collect())
 }
@@ -220,28 +207,20 @@ pub async fn inbox_for_replay(
     schema: &SchemaName,
     ids: &[i64],
 ) -> Result<Vec<Republish>, OpsError> {
-    let rows = client
-        .query(
-            &schema.qualify(
-                "SELECT dead_letter_id, topic, key, headers, payload FROM __SCHEMA__.inbox_dead_letters
-                 WHERE dead_letter_id = ANY($1) ORDER BY dead_letter_id",
-            ),
-            &[&ids],
-        )
-        .await?;
+    let rows = client.query(&schema.qualify(include_str!("../sql/inbox_for_replay.sql")), &[&ids]).await?;
     Ok(rows
         .iter()
         .map(|r| {
-            let headers: serde_json::Value = r.get(3);
+            let headers: serde_json::Value = r.get("headers");
             Republish {
-                dead_letter_id: r.get(0),
-                topic: r.get(1),
-                key: r.get(2),
+                dead_letter_id: r.get("dead_letter_id"),
+                topic: r.get("topic"),
+                key: r.get("key"),
                 headers: headers
                     .as_object()
                     .map(|m| m.iter().map(|(k, v)| (k.clone(), v.as_str().unwrap_or_default().to_owned())).collect())
                     .unwrap_or_default(),
-                payload: r.get(4),
+                payload: r.get("payload"),
             }
         })
         .collect())
@@ -256,18 +235,8 @@ pub async fn inbox_replayed(
     audit: &Audit,
 ) -> Result<(), OpsError> {
     let tx = client.transaction().await?;
-    tx.execute(
-        &schema.qualify(
-            "WITH d AS (DELETE FROM __SCHEMA__.inbox_dead_letters WHERE dead_letter_id = $1 RETURNING *)
-             INSERT INTO __SCHEMA__.audit_log (actor, action, source, target, why, details)
-             SELECT $2, 'replay', 'inbox', d.dead_letter_id::text, $3,
-                    jsonb_build_object('consumer', d.consumer, 'message_id', d.message_id, 'topic', d.topic,
-                                       'republished_to', $4::text, 'reason', d.reason, 'attempts', d.attempts)
-             FROM d",
-        ),
-        &[&id, &audit.actor, &audit.why, &to_topic],
-    )
-    .await?;
+    tx.execute(&schema.qualify(include_str!("../sql/inbox_replayed.sql")), &[&id, &audit.actor, &audit.why, &to_topic])
+        .await?;
     tx.commit().await?;
     Ok(())
 }

@@ -1,0 +1,1 @@
+SELECT version, checksum FROM __SCHEMA__.migrations ORDER BY version
