@@ -335,3 +335,22 @@ mod tests {
         assert!(!format!("{c:?}").contains("hunter2"));
     }
 }
+
+/// Repeats a chunked statement until a chunk comes back short, so that no one statement holds its
+/// locks for long: `step` runs one statement of at most `chunk` rows and returns how many it
+/// touched; `progress` sees the running total after each. Returns the total.
+pub async fn in_chunks<F, Fut, E>(chunk: i64, mut step: F, mut progress: impl FnMut(u64)) -> Result<u64, E>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<u64, E>>,
+{
+    let mut total = 0;
+    loop {
+        let n = step().await?;
+        total += n;
+        progress(total);
+        if n < chunk.max(1) as u64 {
+            return Ok(total);
+        }
+    }
+}

@@ -216,14 +216,7 @@ impl Inbox {
         older_than: Duration,
         chunk: i64,
     ) -> Result<u64, InboxError> {
-        let mut total = 0;
-        loop {
-            let n = self.purge_chunk(client, older_than, chunk).await?;
-            total += n;
-            if n < chunk as u64 {
-                return Ok(total);
-            }
-        }
+        crate::db::in_chunks(chunk, || self.purge_chunk(client, older_than, chunk), |_| {}).await
     }
 
     /// One statement of [`purge`](Self::purge): deletes at most `chunk` rows, returns how many.

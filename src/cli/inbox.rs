@@ -37,17 +37,16 @@ pub(crate) async fn run(global: &Global, args: InboxArgs) -> Result<(), CliError
             outbox_relay::schema::check_installed(&client, global.schema()).await?;
             let inbox = Inbox::new(global.schema().clone(), &consumer)?;
             let started = Instant::now();
-            let mut total = 0u64;
-            loop {
-                let n = inbox.purge_chunk(&client, older_than, chunk).await?;
-                total += n;
-                if n > 0 {
-                    eprintln!("purged {total} rows so far ({:.1}s)", started.elapsed().as_secs_f64());
-                }
-                if n < chunk as u64 {
-                    break;
-                }
-            }
+            let total = outbox_relay::db::in_chunks(
+                chunk,
+                || inbox.purge_chunk(&client, older_than, chunk),
+                |total| {
+                    if total > 0 {
+                        eprintln!("purged {total} rows so far ({:.1}s)", started.elapsed().as_secs_f64());
+                    }
+                },
+            )
+            .await?;
             println!(
                 "purged {total} inbox rows of consumer {consumer:?} older than {}",
                 humantime::format_duration(older_than)

@@ -4,6 +4,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use super::Shared;
+use crate::db::in_chunks;
 
 /// Deletes archived rows past retention and idempotency keys past their window (whose message is
 /// gone), in chunks so that no statement holds locks for long. Any instance may do it; doing it
@@ -17,22 +18,11 @@ pub(super) async fn prune(shared: Arc<Shared>) {
         if config.archive {
             let sql = config.schema.qualify(include_str!("../sql/prune_archive.sql"));
             let retention_s = config.archive_retention.as_secs() as i64;
-            loop {
-                let n = client.execute(&sql, &[&retention_s, &CHUNK]).await.map_err(|e| e.to_string())?;
-                pruned += n;
-                if n < CHUNK as u64 {
-                    break;
-                }
-            }
+            let params: [&(dyn tokio_postgres::types::ToSql + Sync); 2] = [&retention_s, &CHUNK];
+            pruned += in_chunks(CHUNK, || client.execute(&sql, &params), |_| {}).await.map_err(|e| e.to_string())?;
         }
         let sql = config.schema.qualify(include_str!("../sql/prune_idempotency_keys.sql"));
-        loop {
-            let n = client.execute(&sql, &[&CHUNK]).await.map_err(|e| e.to_string())?;
-            pruned += n;
-            if n < CHUNK as u64 {
-                break;
-            }
-        }
+        pruned += in_chunks(CHUNK, || client.execute(&sql, &[&CHUNK]), |_| {}).await.map_err(|e| e.to_string())?;
         Ok::<u64, String>(pruned)
     };
     match run.await {
