@@ -411,18 +411,11 @@ async fn republish(
     r: &ops::Republish,
 ) -> Result<(), CliError> {
     use rdkafka::message::{Header, OwnedHeaders};
-    use rdkafka::producer::FutureRecord;
     let mut headers = OwnedHeaders::new();
     for (k, v) in &r.headers {
         headers = headers.insert(Header { key: k.as_str(), value: Some(v.as_str()) });
     }
-    let mut record = FutureRecord::<[u8], [u8]>::to(topic).headers(headers);
-    if let Some(k) = &r.key {
-        record = record.key(k.as_slice());
-    }
-    if let Some(p) = &r.payload {
-        record = record.payload(p.as_slice());
-    }
+    let record = outbox_relay::relay::envelope::record(topic, r.key.as_deref(), r.payload.as_deref(), headers);
     // librdkafka never gives up on a record by itself (the relay's producer settings): bound it here.
     let within = Duration::from_secs(30);
     match tokio::time::timeout(within, producer.send(record, within)).await {

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::producer::{FutureProducer, Producer};
 
 use super::lane_session::{Acked, ClaimedRow, DeadLetter};
 use super::producer::{Generation, SendError};
@@ -211,13 +211,7 @@ async fn send_one(shared: &Shared, generation: &Generation, row: &ClaimedRow, de
         return malformed(e.to_string());
     }
     let headers = envelope::headers(row, &shared.source);
-    let mut record = FutureRecord::<[u8], [u8]>::to(&topic).headers(headers);
-    if let Some(k) = &row.key {
-        record = record.key(k.as_bytes());
-    }
-    if let Some(p) = &row.payload {
-        record = record.payload(p.as_slice());
-    }
+    let mut record = envelope::record(&topic, row.key.as_deref().map(str::as_bytes), row.payload.as_deref(), headers);
     loop {
         match generation.send(record) {
             Ok(fut) => return Sent::Queued(topic.clone(), fut),
@@ -245,16 +239,9 @@ pub(super) fn mirror_to_dlq(shared: &Arc<Shared>, dlq: &str, rows: &[ClaimedRow]
             .insert(Header { key: "outbox_dlq_error_class", value: Some(d.error_class.as_str()) })
             .insert(Header { key: "outbox_dlq_original_topic", value: Some(row.topic.as_str()) });
         let headers: OwnedHeaders = headers;
-        let mut record = FutureRecord::<[u8], [u8]>::to(dlq).headers(headers);
-        if let Some(k) = &row.key {
-            record = record.key(k.as_bytes());
-        }
         // A payload too large for the topic is too large for the DLQ as well: send the envelope.
-        if d.reason != reason::MESSAGE_TOO_LARGE {
-            if let Some(p) = &row.payload {
-                record = record.payload(p.as_slice());
-            }
-        }
+        let payload = if d.reason == reason::MESSAGE_TOO_LARGE { None } else { row.payload.as_deref() };
+        let record = envelope::record(dlq, row.key.as_deref().map(str::as_bytes), payload, headers);
         let id = row.id;
         let Some(mirror) = &shared.mirror else { return };
         match mirror.send_result(record) {

@@ -9,6 +9,24 @@ use super::lane_session::ClaimedRow;
 pub const CE_SPECVERSION: &str = "1.0";
 pub use crate::outbox::ID_HEADER;
 
+/// A record for `topic` with its headers, and a key and a payload when there are (a record
+/// without a payload is a tombstone; without a key, the partitioner spreads it).
+pub fn record<'a>(
+    topic: &'a str,
+    key: Option<&'a [u8]>,
+    payload: Option<&'a [u8]>,
+    headers: OwnedHeaders,
+) -> rdkafka::producer::FutureRecord<'a, [u8], [u8]> {
+    let mut record = rdkafka::producer::FutureRecord::to(topic).headers(headers);
+    if let Some(k) = key {
+        record = record.key(k);
+    }
+    if let Some(p) = payload {
+        record = record.payload(p);
+    }
+    record
+}
+
 /// Builds the headers of one row's record.
 pub fn headers(row: &ClaimedRow, source: &str) -> OwnedHeaders {
     let time = row.created_at.to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
