@@ -280,8 +280,7 @@ async fn matched(
 }
 
 pub(crate) async fn run(global: &Global, args: DlqArgs) -> Result<(), CliError> {
-    let mut client = global.db_config()?.connect().await?;
-    outbox_relay::schema::check_installed(&client, global.schema()).await?;
+    let mut client = global.connect_installed().await?;
     match args.command {
         DlqCommand::List { filters, json } => {
             let items =

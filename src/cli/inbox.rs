@@ -33,8 +33,7 @@ enum InboxCommand {
 pub(crate) async fn run(global: &Global, args: InboxArgs) -> Result<(), CliError> {
     match args.command {
         InboxCommand::Purge { consumer, older_than, chunk } => {
-            let client = global.db_config()?.connect().await?;
-            outbox_relay::schema::check_installed(&client, global.schema()).await?;
+            let client = global.connect_installed().await?;
             let inbox = Inbox::new(global.schema().clone(), &consumer)?;
             let started = Instant::now();
             let total = outbox_relay::db::in_chunks(

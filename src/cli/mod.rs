@@ -90,6 +90,14 @@ impl Global {
         Ok(DbConfig::parse(&url)?)
     }
 
+    /// A session on the database, once the schema is known to be installed at this build's version
+    /// (else the error says to run `migrate`). What every operator command starts with.
+    pub(crate) async fn connect_installed(&self) -> Result<tokio_postgres::Client, CliError> {
+        let client = self.db_config()?.connect().await?;
+        outbox_relay::schema::check_installed(&client, self.schema()).await?;
+        Ok(client)
+    }
+
     pub(crate) fn schema(&self) -> &SchemaName {
         &self.schema
     }

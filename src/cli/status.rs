@@ -14,8 +14,7 @@ pub(crate) struct StatusArgs {
 }
 
 pub(crate) async fn run(global: &Global, args: StatusArgs) -> Result<(), CliError> {
-    let client = global.db_config()?.connect().await?;
-    outbox_relay::schema::check_installed(&client, global.schema()).await?;
+    let client = global.connect_installed().await?;
     let s = ops::status(&client, global.schema()).await?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&s)?);

@@ -25,8 +25,7 @@ fn parse_id(s: &str) -> Result<Uuid, String> {
 }
 
 pub(crate) async fn run(global: &Global, args: TraceArgs) -> Result<(), CliError> {
-    let client = global.db_config()?.connect().await?;
-    outbox_relay::schema::check_installed(&client, global.schema()).await?;
+    let client = global.connect_installed().await?;
     let inbox = match &args.inbox_database_url {
         Some(url) => Some(DbConfig::parse(url)?.connect().await?),
         None => None,
