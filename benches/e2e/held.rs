@@ -60,7 +60,7 @@ pub(super) async fn held_snapshot_arm(
     let writers = tokio::spawn({
         let (db, s, topic) = (db.clone(), s.clone(), topic.clone());
         async move {
-            paced_writers_on(&db, &s, &topic, rate, n, 4, |i, _| {
+            paced_writers(&db, &s, &topic, rate, n, 4, |i, _| {
                 format!(
                     "{{\"order\":{i},\"customer\":\"c-{}\",\"amount_cents\":{},\"note\":\"{}\"}}",
                     i % 997,

@@ -52,7 +52,7 @@ pub(super) async fn latency_at(
     let n = (rate * secs) as usize;
     // The payload carries the message's due time, so the consumer can measure from it.
     let epoch0 = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_micros() as i64 + 200_000;
-    let lag = paced_writers(ctx, &s, &topic, rate, n, 8, move |_, due| {
+    let lag = paced_writers(&ctx.db, &s, &topic, rate, n, 8, move |_, due| {
         format!("{}:{}", epoch0 + due.as_micros() as i64, "x".repeat(180))
     })
     .await?;
@@ -106,7 +106,7 @@ pub(super) async fn gentle_rate(
     let (claims0, delivered0) =
         (relay.stats.claims.load(Ordering::Relaxed), relay.stats.delivered.load(Ordering::Relaxed));
     let n = (rate * secs) as usize;
-    let lag = paced_writers(ctx, &s, &topic, rate, n, 8, |i, _| {
+    let lag = paced_writers(&ctx.db, &s, &topic, rate, n, 8, |i, _| {
         format!(
             "{{\"order\":{i},\"customer\":\"c-{}\",\"amount_cents\":{},\"note\":\"{}\"}}",
             i % 997,

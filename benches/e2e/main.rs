@@ -186,19 +186,6 @@ fn pct(h: &Histogram<u64>) -> String {
 /// loop: message `i` is due at `t0 + i / rate`, and a writer that falls behind shows up in the
 /// returned histogram of how late each commit was (µs), not as a lower rate.
 async fn paced_writers(
-    ctx: &Ctx,
-    s: &SchemaName,
-    topic: &str,
-    rate: f64,
-    n: usize,
-    writers: usize,
-    payload: impl Fn(usize, Duration) -> String + Send + Sync + Clone + 'static,
-) -> Res<Histogram<u64>> {
-    paced_writers_on(&ctx.db, s, topic, rate, n, writers, payload).await
-}
-
-/// [`paced_writers`] on any database.
-async fn paced_writers_on(
     db: &DbConfig,
     s: &SchemaName,
     topic: &str,

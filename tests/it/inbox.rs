@@ -496,6 +496,19 @@ async fn inbox_purge_command_deletes_only_rows_past_the_retention() {
 }
 
 /// Orders applied by the demo consumer so far, and their amount.
+/// Makes `table` refuse inserts the way a missing INSERT grant does (SQLSTATE 42501), until the
+/// trigger `refuse` is dropped.
+async fn refuse_inserts(c: &tokio_postgres::Client, s: &TestSchema, table: &str) {
+    c.batch_execute(&s.q(&format!(
+        "CREATE OR REPLACE FUNCTION __SCHEMA__.refuse() RETURNS trigger LANGUAGE plpgsql AS
+           $$ BEGIN RAISE EXCEPTION 'permission denied for table {table}' USING ERRCODE = '42501'; END $$;
+         CREATE TRIGGER refuse BEFORE INSERT ON __SCHEMA__.{table}
+           FOR EACH ROW EXECUTE FUNCTION __SCHEMA__.refuse();"
+    )))
+    .await
+    .unwrap();
+}
+
 async fn applied(c: &tokio_postgres::Client) -> (i64, i64) {
     c.query_opt(
         "SELECT coalesce(sum(orders), 0)::bigint, coalesce(sum(amount_cents), 0)::bigint FROM demo.customer_totals",
@@ -608,12 +621,7 @@ async fn a_conflict_whose_dead_letter_cannot_be_written_is_not_acknowledged() {
     .await;
     let c = connect().await;
     // The dead-letter table refuses writes the way a missing INSERT grant does (SQLSTATE 42501).
-    c.batch_execute(&s.q("CREATE FUNCTION __SCHEMA__.refuse() RETURNS trigger LANGUAGE plpgsql AS
-           $$ BEGIN RAISE EXCEPTION 'permission denied for table inbox_dead_letters' USING ERRCODE = '42501'; END $$;
-         CREATE TRIGGER refuse BEFORE INSERT ON __SCHEMA__.inbox_dead_letters
-           FOR EACH ROW EXECUTE FUNCTION __SCHEMA__.refuse();"))
-        .await
-        .unwrap();
+    refuse_inserts(&c, &s, "inbox_dead_letters").await;
     let group = unique_name("g");
     let r = start(config(&s, &topic, &group, "audit"), &table);
     let first_run =
@@ -664,12 +672,7 @@ async fn an_inbox_the_database_keeps_refusing_stops_the_runner_and_says_what_to_
     let topic = create_topic("inbox-refused", 1).await;
     produce(&topic, &messages(3)).await;
     let c = connect().await;
-    c.batch_execute(&s.q("CREATE FUNCTION __SCHEMA__.refuse() RETURNS trigger LANGUAGE plpgsql AS
-           $$ BEGIN RAISE EXCEPTION 'permission denied for table inbox' USING ERRCODE = '42501'; END $$;
-         CREATE TRIGGER refuse BEFORE INSERT ON __SCHEMA__.inbox
-           FOR EACH ROW EXECUTE FUNCTION __SCHEMA__.refuse();"))
-        .await
-        .unwrap();
+    refuse_inserts(&c, &s, "inbox").await;
     let group = unique_name("g");
     let r = start(config(&s, &topic, &group, "refused"), &table);
     let first_run =

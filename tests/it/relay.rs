@@ -229,6 +229,42 @@ async fn three_instances_share_lanes_and_take_over_a_killed_ones() {
     assert_eq!(f.order_violations, 0);
 }
 
+/// One transaction takes its sequence number first (a row of `late-key`) and stays open while
+/// `later` rows of seven other keys commit and go out; then it commits (`without_notify`: with
+/// triggers off, as a logical-replication apply writes) and the outbox drains. Returns every
+/// committed row, the late one last, and its id.
+async fn commit_one_late(
+    s: &TestSchema,
+    topic: &str,
+    later: usize,
+    without_notify: bool,
+) -> (Vec<(Uuid, String)>, Uuid) {
+    let outbox = Outbox::new(s.name.clone());
+    let msg = |k: &str| OutboxMessage::builder(topic).key(k).payload(b"x".to_vec()).build().unwrap();
+    let mut slow = connect().await;
+    let slow_tx = slow.transaction().await.unwrap();
+    if without_notify {
+        slow_tx.batch_execute("SET LOCAL session_replication_role = replica").await.unwrap();
+    }
+    let late_id = outbox.enqueue(&slow_tx, &msg("late-key")).await.unwrap(); // takes the lowest seq
+    let mut fast = connect().await;
+    let mut committed = vec![];
+    for i in 0..later {
+        let tx = fast.transaction().await.unwrap();
+        let id = outbox.enqueue(&tx, &msg(&format!("k{}", i % 7))).await.unwrap();
+        tx.commit().await.unwrap();
+        committed.push((id, format!("k{}", i % 7)));
+    }
+    // The later rows go out while the early one is still uncommitted.
+    wait_until_empty(s, Duration::from_secs(60)).await;
+    let before = read_topic(topic, later, Duration::from_secs(60));
+    assert!(!before.iter().any(|r| r.id == late_id), "the uncommitted row was sent");
+    slow_tx.commit().await.unwrap();
+    committed.push((late_id, "late-key".into()));
+    wait_until_empty(s, Duration::from_secs(60)).await;
+    (committed, late_id)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_row_committed_after_later_rows_is_still_delivered() {
     // One lane, so the late row and the others share a lane head.
@@ -239,28 +275,7 @@ async fn a_row_committed_after_later_rows_is_still_delivered() {
     // lane back to it in this test.
     cfg.sweep_interval = Duration::from_secs(600);
     let relay = InProcess::start(cfg);
-    let outbox = Outbox::new(s.name.clone());
-    let msg = |k: &str| OutboxMessage::builder(topic.as_str()).key(k).payload(b"x".to_vec()).build().unwrap();
-
-    let mut slow = connect().await;
-    let slow_tx = slow.transaction().await.unwrap();
-    let late_id = outbox.enqueue(&slow_tx, &msg("late-key")).await.unwrap(); // takes the lowest seq
-
-    let mut fast = connect().await;
-    let mut committed = vec![];
-    for i in 0..200 {
-        let tx = fast.transaction().await.unwrap();
-        let id = outbox.enqueue(&tx, &msg(&format!("k{}", i % 7))).await.unwrap();
-        tx.commit().await.unwrap();
-        committed.push((id, format!("k{}", i % 7)));
-    }
-    // The later rows go out while the early one is still uncommitted.
-    wait_until_empty(&s, Duration::from_secs(60)).await;
-    let before = read_topic(&topic, 200, Duration::from_secs(60));
-    assert!(!before.iter().any(|r| r.id == late_id));
-    slow_tx.commit().await.unwrap();
-    committed.push((late_id, "late-key".into()));
-    wait_until_empty(&s, Duration::from_secs(60)).await;
+    let (committed, late_id) = commit_one_late(&s, &topic, 200, false).await;
     let stats = relay.shutdown().await;
 
     let received = read_topic(&topic, committed.len(), Duration::from_secs(60));
@@ -284,25 +299,7 @@ async fn a_late_row_without_a_notify_is_found_by_the_sweep() {
     cfg.poll_interval = Duration::from_secs(600);
     let relay = InProcess::start(cfg);
     relay.wait_lanes(1, Duration::from_secs(30)).await;
-    let outbox = Outbox::new(s.name.clone());
-    let msg = |k: &str| OutboxMessage::builder(topic.as_str()).key(k).payload(b"x".to_vec()).build().unwrap();
-
-    let mut slow = connect().await;
-    let slow_tx = slow.transaction().await.unwrap();
-    slow_tx.batch_execute("SET LOCAL session_replication_role = replica").await.unwrap();
-    let late_id = outbox.enqueue(&slow_tx, &msg("late-key")).await.unwrap();
-    let mut fast = connect().await;
-    let mut committed = vec![];
-    for i in 0..100 {
-        let tx = fast.transaction().await.unwrap();
-        let id = outbox.enqueue(&tx, &msg(&format!("k{}", i % 7))).await.unwrap();
-        tx.commit().await.unwrap();
-        committed.push((id, format!("k{}", i % 7)));
-    }
-    wait_until_empty(&s, Duration::from_secs(60)).await;
-    slow_tx.commit().await.unwrap();
-    committed.push((late_id, "late-key".into()));
-    wait_until_empty(&s, Duration::from_secs(60)).await;
+    let (committed, late_id) = commit_one_late(&s, &topic, 100, true).await;
     let stats = relay.shutdown().await;
 
     let received = read_topic(&topic, committed.len(), Duration::from_secs(60));
