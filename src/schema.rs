@@ -123,6 +123,11 @@ pub const MIGRATIONS: &[Migration] = &[
         sql: include_str!("../schema/0007_queue_autovacuum.sql"),
     },
     Migration { version: 8, name: "0008_claim_cursor.sql", sql: include_str!("../schema/0008_claim_cursor.sql") },
+    Migration {
+        version: 9,
+        name: "0009_transaction_of_row.sql",
+        sql: include_str!("../schema/0009_transaction_of_row.sql"),
+    },
 ];
 
 impl Migration {

@@ -4,7 +4,7 @@
 //! ARCHITECTURE.md, "The claim cursor", for why the upper bound keeps key order.
 
 use std::sync::atomic::{AtomicI64, Ordering::SeqCst};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use tokio::sync::watch;
 
@@ -15,11 +15,20 @@ const NONE: i64 = i64::MAX;
 
 struct Lane {
     wake: watch::Sender<u64>,
-    /// The lowest sequence the lane must claim from next, if lower than its cursor.
-    rewind: AtomicI64,
     /// The lane loop's cursor as of its last claim (`FROM_START` when no loop runs it), for the
     /// sweep.
     cursor: AtomicI64,
+}
+
+/// The claim bounds, changed and read under one lock: a NOTIFY lowers its lanes' rewinds and
+/// raises the announced bound in one step, and a claim reads the bound and takes its rewind in
+/// one step, so a claim never takes a rewind newer than the bound it read (whose row the bound
+/// might not cover: taken, it would be lost from the slot).
+struct Bounds {
+    /// The highest sequence of a row announced by a NOTIFY processed so far.
+    announced: i64,
+    /// Per lane, the lowest sequence the lane must claim from next, if lower than its cursor.
+    rewinds: Vec<i64>,
 }
 
 /// The sequences one claim covers.
@@ -41,30 +50,27 @@ impl ClaimRange {
     }
 }
 
-/// One entry per lane: a wake-up channel and the lane's claim position; and the highest sequence
-/// announced. A lane marks its channel seen *before* it claims, so a NOTIFY that lands between an
-/// empty claim and the wait is not lost.
+/// One entry per lane: a wake-up channel and the lane's claim position; and the claim bounds. A
+/// lane marks its channel seen *before* it claims, so a NOTIFY that lands between an empty claim
+/// and the wait is not lost.
 #[derive(Clone)]
 pub(crate) struct LaneSignals {
     lanes: Arc<Vec<Lane>>,
-    /// The highest sequence of a row announced by a NOTIFY processed so far.
-    announced: Arc<AtomicI64>,
+    bounds: Arc<Mutex<Bounds>>,
 }
 
 impl LaneSignals {
     pub(crate) fn new(lanes: u16) -> Self {
         Self {
             lanes: Arc::new(
-                (0..lanes)
-                    .map(|_| Lane {
-                        wake: watch::channel(0u64).0,
-                        rewind: AtomicI64::new(NONE),
-                        cursor: AtomicI64::new(FROM_START),
-                    })
-                    .collect(),
+                (0..lanes).map(|_| Lane { wake: watch::channel(0u64).0, cursor: AtomicI64::new(FROM_START) }).collect(),
             ),
-            announced: Arc::new(AtomicI64::new(FROM_START)),
+            bounds: Arc::new(Mutex::new(Bounds { announced: FROM_START, rewinds: vec![NONE; lanes as usize] })),
         }
+    }
+
+    fn bounds(&self) -> std::sync::MutexGuard<'_, Bounds> {
+        self.bounds.lock().expect("claim bounds lock")
     }
 
     /// The receiver a lane loop waits on.
@@ -74,16 +80,23 @@ impl LaneSignals {
 
     /// What the lane's next claim covers: from its cursor (or lower, when a late row was
     /// announced) up to the highest announced sequence; everything when `full` is asked or a
-    /// full claim is pending. The upper bound is read *before* the rewind: the listener lowers
-    /// rewinds before it raises the bound, so a bound that covers a row comes with the rewinds of
-    /// every row committed before it.
+    /// full claim is pending. The bound and the rewind are read together: a NOTIFY lowers rewinds
+    /// and raises the bound in one step, so a bound that covers a row comes with the rewinds of
+    /// every row committed before it, and every rewind taken lies within the bound. A rewind above
+    /// the bound (the sweep's, which raises no bound) is left for a claim whose bound covers it.
     pub(crate) fn claim_range(&self, lane: i16, cursor: i64, full: bool) -> ClaimRange {
-        let to = self.announced.load(SeqCst);
-        let rewind = self.lanes[lane as usize].rewind.swap(NONE, SeqCst);
+        let mut b = self.bounds();
+        let to = b.announced;
+        let slot = &mut b.rewinds[lane as usize];
+        let rewind = *slot;
         if full || rewind == FROM_START || cursor == FROM_START {
+            *slot = NONE;
             ClaimRange::FULL
-        } else {
+        } else if rewind <= to {
+            *slot = NONE;
             ClaimRange { from: rewind.min(cursor), to }
+        } else {
+            ClaimRange { from: cursor, to }
         }
     }
 
@@ -108,15 +121,19 @@ impl LaneSignals {
     /// cursor to it, and wake the lane. Raises no upper bound.
     pub(crate) fn rewind(&self, lane: usize, seq: i64) {
         let Some(l) = self.lanes.get(lane) else { return };
-        l.rewind.fetch_min(seq, SeqCst);
+        {
+            let mut b = self.bounds();
+            b.rewinds[lane] = b.rewinds[lane].min(seq);
+        }
         l.wake.send_modify(|v| *v += 1);
     }
 
     /// Rows may be anywhere in any lane (the LISTEN session was away, or a payload said nothing
     /// usable): every lane's next claim is a full one.
     pub(crate) fn announce_all(&self) {
-        for lane in 0..self.lanes.len() {
-            self.rewind(lane, FROM_START);
+        self.bounds().rewinds.fill(FROM_START);
+        for l in self.lanes.iter() {
+            l.wake.send_modify(|v| *v += 1);
         }
     }
 
@@ -143,11 +160,14 @@ impl LaneSignals {
             .collect();
         match parsed {
             Some(items) if !payload.is_empty() => {
-                for (lane, first, _) in &items {
-                    self.lanes[*lane].rewind.fetch_min(*first, SeqCst);
-                }
-                if let Some(last) = items.iter().map(|(_, _, last)| *last).max() {
-                    self.announced.fetch_max(last, SeqCst);
+                {
+                    let mut b = self.bounds();
+                    for (lane, first, _) in &items {
+                        b.rewinds[*lane] = b.rewinds[*lane].min(*first);
+                    }
+                    if let Some(last) = items.iter().map(|(_, _, last)| *last).max() {
+                        b.announced = b.announced.max(last);
+                    }
                 }
                 for (lane, _, _) in items {
                     self.lanes[lane].wake.send_modify(|v| *v += 1);
@@ -199,6 +219,17 @@ mod tests {
         s.announce_payload("0:30:35");
         s.rewind(0, 70);
         assert_eq!(s.claim_range(0, 100, false), range(30, 60));
+    }
+
+    #[test]
+    fn a_rewind_above_the_bound_waits_for_a_bound_that_covers_it() {
+        let s = LaneSignals::new(2);
+        s.announce_payload("1:90:90");
+        s.rewind(0, 120);
+        assert_eq!(s.claim_range(0, 130, false), range(130, 90), "not taken while the bound is below it");
+        s.announce_payload("1:140:140");
+        assert_eq!(s.claim_range(0, 130, false), range(120, 140));
+        assert_eq!(s.claim_range(0, 130, false), range(130, 140), "taken once");
     }
 
     #[test]

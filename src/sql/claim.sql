@@ -1,12 +1,38 @@
+-- A lane's next rows from the cursor ($3) up to the announced bound ($4), in sequence order, and
+-- with them the rows below the cursor of the same transactions: a transaction's rows become
+-- visible together, so one whose first rows the cursor passed while it was open must go out from
+-- its first row (ARCHITECTURE.md, "The claim cursor"). A full claim ($3 = the lowest bigint) has
+-- nothing below it.
+WITH head AS (
+    SELECT seq, id, topic, key, payload, headers, message_type, content_type, correlation_id, traceparent,
+           created_at, attempts, next_attempt_at, xid
+    FROM __SCHEMA__.messages m
+    WHERE lane = $1
+      AND seq >= $3
+      AND seq <= $4
+      AND (key IS NULL OR NOT EXISTS (SELECT 1 FROM __SCHEMA__.parked_keys p WHERE p.key = m.key))
+    ORDER BY seq
+    LIMIT $2
+), claimed AS (
+    SELECT seq, id, topic, key, payload, headers, message_type, content_type, correlation_id, traceparent,
+           created_at, attempts, next_attempt_at
+    FROM head
+    UNION ALL
+    SELECT b.seq, b.id, b.topic, b.key, b.payload, b.headers, b.message_type, b.content_type, b.correlation_id,
+           b.traceparent, b.created_at, b.attempts, b.next_attempt_at
+    FROM (SELECT DISTINCT xid FROM head WHERE xid IS NOT NULL) t
+    CROSS JOIN LATERAL (
+        SELECT * FROM __SCHEMA__.messages m
+        WHERE m.xid = t.xid AND m.lane = $1 AND m.seq < $3
+          AND (m.key IS NULL OR NOT EXISTS (SELECT 1 FROM __SCHEMA__.parked_keys p WHERE p.key = m.key))
+        ORDER BY m.seq
+        LIMIT $2
+    ) b
+)
 SELECT seq, id, topic, key, payload, headers, message_type, content_type, correlation_id, traceparent,
        created_at, attempts,
        coalesce(next_attempt_at > now(), false) AS waiting,
        greatest(0, floor(extract(epoch FROM next_attempt_at - now()) * 1000))::bigint AS wait_ms,
        floor(extract(epoch FROM now() - created_at) * 1000)::bigint AS age_ms
-FROM __SCHEMA__.messages m
-WHERE lane = $1
-  AND seq >= $3
-  AND seq <= $4
-  AND (key IS NULL OR NOT EXISTS (SELECT 1 FROM __SCHEMA__.parked_keys p WHERE p.key = m.key))
+FROM claimed
 ORDER BY seq
-LIMIT $2

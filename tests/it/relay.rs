@@ -287,6 +287,55 @@ async fn a_row_committed_after_later_rows_is_still_delivered() {
     assert_eq!(stats.swept.load(Ordering::Relaxed), 0);
 }
 
+/// A transaction whose first row the claim cursor passed while it was open (later rows of other
+/// transactions committed first and were claimed) becomes visible all at once: a claim from the
+/// cursor sees its later row, and must take its first row too, before it, or a key the
+/// transaction wrote twice would go out in the wrong order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_from_the_cursor_takes_a_late_transaction_from_its_first_row() {
+    let s = TestSchema::new(1).await;
+    let outbox = Outbox::new(s.name.clone());
+    let msg = |k: &str| OutboxMessage::builder("t").key(k).payload(b"x".to_vec()).build().unwrap();
+    let seq_of = |id: Uuid| {
+        let sql = s.q("SELECT seq FROM __SCHEMA__.messages WHERE id = $1");
+        async move { connect().await.query_one(&sql, &[&id]).await.unwrap().get::<_, i64>(0) }
+    };
+    let db = outbox_relay::db::DbConfig::parse(&crate::support::database_url()).unwrap();
+    let control = connect().await;
+    let class = outbox_relay::relay::lane_session::lane_lock_class(&control, &s.name).await.unwrap();
+    let session = outbox_relay::relay::lane_session::LaneSession::try_acquire(
+        &db,
+        &s.name,
+        class,
+        0,
+        false,
+        Duration::from_secs(10),
+    )
+    .await
+    .unwrap()
+    .expect("the lane is free");
+
+    let mut open = connect().await;
+    let open_tx = open.transaction().await.unwrap();
+    let first = outbox.enqueue(&open_tx, &msg("order-1")).await.unwrap();
+    let mut other = connect().await;
+    let tx = other.transaction().await.unwrap();
+    let others = outbox.enqueue_batch(&tx, &[msg("order-2"), msg("order-3")]).await.unwrap();
+    tx.commit().await.unwrap();
+    // The relay's claim sees the committed rows only; its cursor moves past them, and so past the
+    // open transaction's first row.
+    let seen: Vec<Uuid> = session.claim(i64::MIN, i64::MAX, 100).await.unwrap().iter().map(|r| r.id).collect();
+    assert_eq!(seen, others);
+    let cursor = seq_of(others[1]).await + 1;
+    connect().await.execute(&s.q("DELETE FROM __SCHEMA__.messages WHERE id = ANY($1)"), &[&others]).await.unwrap();
+    let second = outbox.enqueue(&open_tx, &msg("order-1")).await.unwrap();
+    open_tx.commit().await.unwrap();
+    assert!(seq_of(first).await < cursor && seq_of(second).await >= cursor);
+
+    let claimed: Vec<Uuid> = session.claim(cursor, i64::MAX, 100).await.unwrap().iter().map(|r| r.id).collect();
+    assert_eq!(claimed, vec![first, second], "the transaction's rows, from its first, in order");
+}
+
 /// A late row that no NOTIFY announces (written with triggers disabled, as a logical-replication
 /// apply or a restore does) sits below the lane's claim cursor: the sweep finds it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
