@@ -26,6 +26,11 @@ pub(crate) struct RunArgs {
     /// Rows read and produced per batch.
     #[arg(long, env = "OUTBOX_BATCH_SIZE", default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..=100_000))]
     batch_size: u32,
+    /// Rows a lane may have sent and not yet settled: it claims and sends its next rows while
+    /// earlier ones await their acknowledgements, up to this many (memory: rows x payload size x
+    /// lanes).
+    #[arg(long, env = "OUTBOX_MAX_IN_FLIGHT", default_value_t = 2000, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    max_in_flight: u32,
     /// How often an idle lane checks for rows when no NOTIFY arrived.
     #[arg(long, env = "OUTBOX_POLL_INTERVAL", default_value = "1s", value_parser = humantime::parse_duration)]
     poll_interval: Duration,
@@ -131,6 +136,7 @@ fn config(global: &Global, args: RunArgs) -> Result<RelayConfig, CliError> {
     config.producer.properties.extend(args.kafka_property);
     config.producer.message_timeout = args.message_timeout;
     config.batch_size = args.batch_size as usize;
+    config.max_in_flight = args.max_in_flight as usize;
     config.poll_interval = args.poll_interval;
     config.max_lanes = args.max_lanes;
     config.heartbeat_interval = args.heartbeat_interval;

@@ -23,6 +23,9 @@ pub struct RelayConfig {
     pub producer: ProducerSettings,
     /// Rows read and produced per batch.
     pub batch_size: usize,
+    /// Rows a lane may have handed to the producer and not yet settled: it claims and sends its
+    /// next rows while earlier ones await their acknowledgements, up to this many.
+    pub max_in_flight: usize,
     /// How often an idle lane looks for rows when no NOTIFY woke it.
     pub poll_interval: Duration,
     /// The most lanes this instance takes (default: its fair share).
@@ -85,6 +88,7 @@ impl RelayConfig {
                 properties: Vec::new(),
             },
             batch_size: 1000,
+            max_in_flight: 2000,
             poll_interval: Duration::from_secs(1),
             max_lanes: None,
             heartbeat_interval: Duration::from_secs(1),

@@ -10,21 +10,35 @@ pub const CE_SPECVERSION: &str = "1.0";
 pub use crate::outbox::ID_HEADER;
 
 /// A record for `topic` with its headers, and a key and a payload when there are (a record
-/// without a payload is a tombstone; without a key, the partitioner spreads it).
+/// without a payload is a tombstone; without a key, the partitioner spreads it). For the
+/// producers that await each acknowledgement (the DLQ mirror, `dlq replay --inbox`).
 pub fn record<'a>(
     topic: &'a str,
     key: Option<&'a [u8]>,
     payload: Option<&'a [u8]>,
     headers: OwnedHeaders,
 ) -> rdkafka::producer::FutureRecord<'a, [u8], [u8]> {
-    let mut record = rdkafka::producer::FutureRecord::to(topic).headers(headers);
-    if let Some(k) = key {
-        record = record.key(k);
+    rdkafka::producer::FutureRecord { topic, partition: None, payload, key, timestamp: None, headers: Some(headers) }
+}
+
+/// The same record for the relay's own producer, carrying the number its delivery report is
+/// routed by (`relay::reports`).
+pub(crate) fn routed_record<'a>(
+    topic: &'a str,
+    key: Option<&'a [u8]>,
+    payload: Option<&'a [u8]>,
+    headers: OwnedHeaders,
+    delivery_opaque: usize,
+) -> rdkafka::producer::BaseRecord<'a, [u8], [u8], usize> {
+    rdkafka::producer::BaseRecord {
+        topic,
+        partition: None,
+        payload,
+        key,
+        timestamp: None,
+        headers: Some(headers),
+        delivery_opaque,
     }
-    if let Some(p) = payload {
-        record = record.payload(p);
-    }
-    record
 }
 
 /// Builds the headers of one row's record.

@@ -92,9 +92,17 @@ impl ProducerSettings {
         Ok(c)
     }
 
-    /// Creates the producer.
+    /// Creates a producer that awaits each acknowledgement as a future (operator commands).
     pub fn create(&self) -> Result<FutureProducer, KafkaConfigError> {
         self.client_config()?.create().map_err(KafkaConfigError::Create)
+    }
+
+    /// Creates the relay's producer: delivery reports go to `router`, one callback per record.
+    pub(crate) fn create_routed(
+        &self,
+        router: super::reports::DeliveryRouter,
+    ) -> Result<super::reports::RelayProducer, KafkaConfigError> {
+        self.client_config()?.create_with_context(router).map_err(KafkaConfigError::Create)
     }
 }
 

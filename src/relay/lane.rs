@@ -1,17 +1,22 @@
-//! One lane's delivery loop: claim the lane's pending rows in sequence order from its cursor,
-//! produce the batch ([`super::deliver`]), then in one statement each: delete what was
-//! acknowledged, record failed attempts, move dead letters; decide what a failure means for the row
-//! (retry, dead letter, leave it) and for the breaker.
+//! One lane's delivery loop: claim the lane's pending rows in sequence order from its cursor and
+//! hand them to the producer, and keep claiming past what is in flight while earlier rows await
+//! their acknowledgements, within a bounded window ([`super::deliver`]). A batch all of whose rows
+//! were acknowledged is deleted (or archived) at once; when anything in the window fails, the lane
+//! claims nothing more until every record in the window has its outcome, then settles them
+//! together: delete what was acknowledged, record failed attempts, move dead letters, decide what a
+//! failure means for the row (retry, dead letter, leave it) and for the breaker, and claim again
+//! from the first row still pending.
 
 use std::collections::HashSet;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::breaker::{BreakerState, Permit};
-use super::deliver::{deliver, mirror_to_dlq, Outcome};
+use super::deliver::{mirror_to_dlq, retire_failed, Batch, Outcome, Window};
 use super::lane_session::{Acked, ClaimedRow, DeadLetter, FailedAttempt, LaneSession};
 use super::{lanes, DeadLetterPolicy, Shared};
 use crate::classify::{reason, Classified, Disposition};
@@ -19,10 +24,29 @@ use crate::classify::{reason, Classified, Disposition};
 /// Why a lane loop ended.
 #[derive(Debug)]
 pub(crate) enum LaneExit {
-    /// Asked to stop (shutdown or rebalance) and finished its batch.
+    /// Asked to stop (shutdown or rebalance) and settled what it had in flight.
     Released,
     /// Its session is gone, or a statement failed or timed out; the lock goes with the session.
     SessionLost(String),
+}
+
+/// What the loop knows between iterations.
+struct LaneState {
+    /// Where the next claim starts: every row below it was delivered or dead-lettered, is in the
+    /// window, or committed late (announced by its NOTIFY or found by the sweep).
+    cursor: i64,
+    /// The next claim reads the whole lane (from its start, no upper bound): after a wait that no
+    /// NOTIFY ended, so that rows written without one are found.
+    full_claim: bool,
+    /// Rows may be there to claim: a NOTIFY came, or the last claim was full.
+    more: bool,
+    /// The head waits for its retry until then.
+    retry_at: Option<Instant>,
+    /// The breaker said to wait until then.
+    breaker_until: Option<Instant>,
+    /// After a failure the lane sends one row at a time, with nothing else in flight, until one
+    /// gets through: a flaky broker is not sent whole windows that will be purged and sent again.
+    cautious: bool,
 }
 
 pub(crate) async fn run_lane(
@@ -32,162 +56,322 @@ pub(crate) async fn run_lane(
     stop: CancellationToken,
 ) -> LaneExit {
     let mut wake = shared.signals.subscribe(lane);
-    // Where the lane's pending rows start, as far as this loop knows: every row below it was
-    // delivered or dead-lettered, or committed late and is announced by its NOTIFY or the sweep.
-    let mut cursor = lanes::FROM_START;
-    // The next claim reads the whole lane (from its start, no upper bound): after a wait that no
-    // NOTIFY ended, so that rows written without one are found.
-    let mut full_claim = true;
+    let mut window = Window::new(shared.producer.router().open());
+    let mut st = LaneState {
+        cursor: lanes::FROM_START,
+        full_claim: true,
+        more: true,
+        retry_at: None,
+        breaker_until: None,
+        cautious: false,
+    };
     let _published = CursorGuard { shared: &shared, lane };
     let mut breaker_changes = shared.breaker.subscribe();
-    let full_batch = shared.config.batch_size as i64;
-    // After a batch with failures the lane sends one row at a time until one gets through, so a
-    // flaky broker cannot acknowledge a later row of a key while an earlier one fails.
-    let mut cautious = false;
+    let mut failed_check = tokio::time::interval(Duration::from_millis(50));
+    failed_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let max_in_flight = shared.config.max_in_flight.max(1);
     loop {
-        if stop.is_cancelled() {
-            return LaneExit::Released;
-        }
         if session.closed().is_cancelled() {
             return LaneExit::SessionLost("the lane's database session closed".into());
         }
-        let permit = shared.breaker.permit();
-        if let Permit::Wait(d) = permit {
-            tokio::select! {
-                _ = stop.cancelled() => return LaneExit::Released,
-                _ = breaker_changes.changed() => {}
-                _ = tokio::time::sleep(d.max(Duration::from_millis(10))) => {}
+        window.take_reports(&shared);
+        while let Some(batch) = window.pop_acknowledged() {
+            if let Err(exit) = settle_acknowledged(&shared, &session, batch).await {
+                return exit;
             }
-            continue;
+            st.cautious = false;
         }
-        let probing = permit == Permit::Probe;
-        wake.borrow_and_update();
-        let range = shared.signals.claim_range(lane, cursor, std::mem::take(&mut full_claim));
-        shared.stats.claims.fetch_add(1, Ordering::Relaxed);
-        let limit = if probing || cautious { 1 } else { full_batch };
-        let claim_started = std::time::Instant::now();
-        let claimed_rows = session.claim(range.from, range.to, limit).await;
-        let took = claim_started.elapsed();
-        shared.stats.claim_micros.fetch_add(took.as_micros() as u64, Ordering::Relaxed);
-        crate::telemetry::claim_time(took);
-        let rows = match claimed_rows {
-            Ok(rows) => rows,
-            Err(e) => {
-                if probing {
-                    shared.breaker.release_probe();
-                }
-                return LaneExit::SessionLost(format!("claim failed: {e}"));
+        if window.troubled() && window.resolved() {
+            let (batches, generation) = window.take_all();
+            if let Err(exit) = settle_window(&shared, lane, &session, batches, generation, &mut st).await {
+                return exit;
             }
-        };
-        // Order first: the lane goes no further than its first row that waits for a retry.
-        let ready = rows.iter().take_while(|r| !r.waiting).count();
-        if ready == 0 {
-            // Nothing in the range, or a head that waits for its retry: claim from there again.
-            cursor = rows.first().map_or(range.from, |head| head.seq);
-            shared.signals.publish_cursor(lane, cursor);
-            if probing {
-                shared.breaker.release_probe();
-            }
-            let wait = rows
-                .first()
-                .map(|head| Duration::from_millis(head.wait_ms.max(1) as u64).min(shared.config.poll_interval))
-                .unwrap_or(shared.config.poll_interval);
-            match wait_for_work(&stop, &session, &mut wake, wait).await {
-                Woken::Exit(exit) => return exit,
-                Woken::Timer => full_claim = true,
-                Woken::Notified => {}
-            }
-            continue;
+            st.more = true;
         }
-        let claimed = rows.len();
-        let all_rows = &rows[..];
-        let rows = &rows[..ready];
-        let breaker_was_closed = !probing && shared.breaker.state() == BreakerState::Closed;
-        if probing {
-            shared.stats.probes.fetch_add(rows.len() as u64, Ordering::Relaxed);
+        shared.signals.publish_cursor(lane, window.lowest().map_or(st.cursor, |w| w.min(st.cursor)));
+        let stopping = stop.is_cancelled();
+        if stopping && window.is_empty() {
+            return LaneExit::Released;
         }
-        let outcomes = deliver(&shared, rows).await;
 
-        let mut acked = Vec::with_capacity(outcomes.len());
-        let mut failed = Vec::new();
-        let mut dead = Vec::new();
-        let mut untouched = Vec::new();
-        let mut broker_failure = false;
-        for (row, outcome) in rows.iter().zip(outcomes) {
-            match outcome {
-                Outcome::Acked(a) => acked.push(a),
-                Outcome::Held => {}
-                Outcome::Failed { error, classified } => {
-                    broker_failure |= classified.blames_broker;
-                    match decide(&shared, row, &classified, breaker_was_closed) {
-                        Decision::DeadLetter(why) => {
-                            crate::telemetry::dead_lettered(&row.topic, why);
-                            tracing::warn!(lane, message_id = %row.id, topic = %row.topic, attempts = row.attempts + 1,
-                                reason = why, error_class = classified.class, error = %error, "message dead-lettered");
-                            dead.push(DeadLetter {
-                                seq: row.seq,
-                                reason: why.to_owned(),
-                                error_class: classified.class.to_owned(),
-                                error,
-                            });
-                        }
-                        Decision::Retry(delay) => {
-                            tracing::warn!(lane, message_id = %row.id, topic = %row.topic, attempt = row.attempts + 1,
-                                retry_in_ms = delay.as_millis() as u64, error_class = classified.class, error = %error,
-                                "delivery failed; will retry");
-                            shared.stats.note_retry(row.attempts.max(0) as u32, delay);
-                            crate::telemetry::retried(&row.topic, classified.class);
-                            failed.push(FailedAttempt { seq: row.seq, error, delay_ms: delay.as_millis() as i64 });
-                        }
-                        Decision::Untouched => untouched.push(row.seq),
+        let room = window.rows() < max_in_flight && !window.troubled() && (!st.cautious || window.is_empty());
+        if !stopping && room && st.more && st.retry_at.is_none() && st.breaker_until.is_none() {
+            // With records in flight the lane goes on only while the breaker is closed; a probe
+            // or a wait is for a lane with nothing in flight.
+            let permit = if window.is_empty() {
+                shared.breaker.permit()
+            } else if shared.breaker.state() == BreakerState::Closed {
+                Permit::Go
+            } else {
+                Permit::Wait(Duration::ZERO)
+            };
+            match permit {
+                Permit::Wait(d) if window.is_empty() => {
+                    st.breaker_until = Some(Instant::now() + d.max(Duration::from_millis(10)));
+                }
+                Permit::Wait(_) => {}
+                Permit::Go | Permit::Probe => {
+                    let probing = permit == Permit::Probe;
+                    let limit = if probing || st.cautious {
+                        1
+                    } else {
+                        shared.config.batch_size.min(max_in_flight - window.rows())
+                    };
+                    wake.borrow_and_update();
+                    if let Err(exit) =
+                        claim_and_send(&shared, lane, &session, &mut window, &mut st, limit, probing).await
+                    {
+                        return exit;
                     }
+                    continue;
                 }
             }
         }
-        note_order_hazards(&shared, lane, rows, &acked, &failed, &dead, &untouched);
-        if broker_failure {
-            shared.breaker.on_failure();
-        } else if !acked.is_empty() {
-            shared.breaker.on_success();
-        } else if probing {
-            shared.breaker.release_probe();
-        }
-        cautious = broker_failure || !failed.is_empty();
 
-        // Completing the batch is not interrupted by a stop: what the broker acknowledged is
-        // removed before the lane is let go, or redelivered by its next owner.
-        if let Err(e) = session.complete(&acked).await {
-            return LaneExit::SessionLost(format!("deleting {} acknowledged rows failed: {e}", acked.len()));
-        }
-        shared.stats.delivered.fetch_add(acked.len() as u64, Ordering::Relaxed);
-        record_delivery(rows, &acked);
-        cursor = next_cursor(all_rows, &acked, &dead);
-        if let Err(e) = session.record_failures(&failed).await {
-            return LaneExit::SessionLost(format!("recording {} failed attempts failed: {e}", failed.len()));
-        }
-        shared.stats.retried.fetch_add(failed.len() as u64, Ordering::Relaxed);
-        if !dead.is_empty() {
-            let park = shared.config.dead_letter_policy == DeadLetterPolicy::ParkKey;
-            if let Err(e) = session.dead_letter(&dead, park, shared.config.instance_id).await {
-                return LaneExit::SessionLost(format!("moving {} dead letters failed: {e}", dead.len()));
+        let idle = window.is_empty() && !st.more && st.retry_at.is_none();
+        let deadline = window.deadline();
+        tokio::select! {
+            biased;
+            _ = session.closed().cancelled() => {
+                return LaneExit::SessionLost("the lane's database session closed".into());
             }
-            shared.stats.dead_lettered.fetch_add(dead.len() as u64, Ordering::Relaxed);
-            if let Some(dlq) = &shared.config.dlq_topic {
-                mirror_to_dlq(&shared, dlq, rows, &dead);
+            _ = stop.cancelled(), if !stopping => {}
+            report = window.report(), if window.awaiting() => {
+                if let Some(r) = report {
+                    window.apply(&shared, r);
+                }
             }
-        }
-        shared.signals.publish_cursor(lane, cursor);
-        // Drained: the claim found fewer rows than it asked for and every one went out. A row
-        // committed since sends its NOTIFY after that claim began (the channel was marked seen
-        // before it), so wait for one rather than run a claim that finds nothing.
-        if claimed < limit as usize && acked.len() == claimed {
-            match wait_for_work(&stop, &session, &mut wake, shared.config.poll_interval).await {
-                Woken::Exit(exit) => return exit,
-                Woken::Timer => full_claim = true,
-                Woken::Notified => {}
+            _ = sleep_until_some(deadline), if deadline.is_some() => {
+                if let Some(number) = window.expire(Instant::now()) {
+                    shared.producer.retire(number, "batch_deadline").await;
+                }
+            }
+            _ = failed_check.tick(), if window.awaiting() => window.check_failed_producer(Instant::now()),
+            _ = wake.changed(), if !st.more || st.retry_at.is_some() => {
+                st.more = true;
+                st.retry_at = None;
+            }
+            _ = sleep_until_some(st.retry_at), if st.retry_at.is_some() => {
+                st.retry_at = None;
+                st.more = true;
+                st.full_claim = true;
+            }
+            _ = breaker_changes.changed() => st.breaker_until = None,
+            _ = sleep_until_some(st.breaker_until), if st.breaker_until.is_some() => st.breaker_until = None,
+            _ = tokio::time::sleep(shared.config.poll_interval), if idle => {
+                // No NOTIFY for a whole poll interval: read the whole lane, for rows written
+                // without one.
+                st.more = true;
+                st.full_claim = true;
             }
         }
     }
+}
+
+async fn sleep_until_some(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Claims up to `limit` rows from the cursor (past what is in flight) and sends the ready ones.
+async fn claim_and_send(
+    shared: &Shared,
+    lane: i16,
+    session: &LaneSession,
+    window: &mut Window,
+    st: &mut LaneState,
+    limit: usize,
+    probing: bool,
+) -> Result<(), LaneExit> {
+    let range = shared.signals.claim_range(lane, st.cursor, std::mem::take(&mut st.full_claim));
+    // A claim from below the cursor (a late row, a full read) also meets the rows in the window:
+    // ask for that many more, and leave them out.
+    let below = range.from < st.cursor && !window.is_empty();
+    let ask = if below { limit + window.rows() } else { limit };
+    shared.stats.claims.fetch_add(1, Ordering::Relaxed);
+    let claim_started = std::time::Instant::now();
+    let claimed = session.claim(range.from, range.to, ask as i64).await;
+    let took = claim_started.elapsed();
+    shared.stats.claim_micros.fetch_add(took.as_micros() as u64, Ordering::Relaxed);
+    crate::telemetry::claim_time(took);
+    let claimed = match claimed {
+        Ok(rows) => rows,
+        Err(e) => {
+            if probing {
+                shared.breaker.release_probe();
+            }
+            return Err(LaneExit::SessionLost(format!("claim failed: {e}")));
+        }
+    };
+    // The claim read its range up to `ask` rows (`full`: it may hold more), and below it the rows
+    // of the same transactions; rows below the cursor may be in the window already.
+    let full = claimed.iter().filter(|r| r.seq >= range.from).count() >= ask;
+    let last_read = claimed.last().map(|r| r.seq);
+    let mut rows = claimed;
+    if !window.is_empty() && rows.first().is_some_and(|r| r.seq < st.cursor) {
+        let in_window: HashSet<i64> = window.seqs().collect();
+        rows.retain(|r| !in_window.contains(&r.seq));
+    }
+    // Order first: the lane goes no further than its first row that waits for a retry.
+    let ready = rows.iter().take_while(|r| !r.waiting).count().min(limit);
+    let next = rows.get(ready);
+    // Where the next claim starts: at the first row read and not taken, or past what this claim
+    // read (every row below is taken, in the window, or not yet visible and announced later).
+    st.cursor = match (next, last_read) {
+        (Some(next), _) => next.seq,
+        (None, Some(last)) if full => last + 1,
+        (None, Some(last)) => st.cursor.max(last + 1),
+        (None, None) => st.cursor,
+    };
+    match next {
+        Some(head) if head.waiting => {
+            st.more = false;
+            let wait = Duration::from_millis(head.wait_ms.max(1) as u64).min(shared.config.poll_interval);
+            st.retry_at = Some(Instant::now() + wait);
+        }
+        Some(_) => st.more = true,
+        None => st.more = full,
+    }
+    rows.truncate(ready);
+    if rows.is_empty() {
+        if probing {
+            shared.breaker.release_probe();
+        }
+        return Ok(());
+    }
+    if probing {
+        shared.stats.probes.fetch_add(rows.len() as u64, Ordering::Relaxed);
+    }
+    let breaker_was_closed = !probing && shared.breaker.state() == BreakerState::Closed;
+    window.send(shared, rows, probing, breaker_was_closed).await;
+    Ok(())
+}
+
+/// A batch whose every row was acknowledged: delete (or archive) them in one statement.
+async fn settle_acknowledged(shared: &Shared, session: &LaneSession, batch: Batch) -> Result<(), LaneExit> {
+    let (rows, outcomes) = batch.into_outcomes();
+    let acked: Vec<Acked> = outcomes
+        .into_iter()
+        .filter_map(|o| match o {
+            Outcome::Acked(a) => Some(a),
+            _ => None,
+        })
+        .collect();
+    shared.breaker.on_success();
+    complete(shared, session, &rows, &acked).await
+}
+
+/// Completing is not interrupted by a stop: what the broker acknowledged is removed before the
+/// lane is let go, or redelivered by its next owner.
+async fn complete(
+    shared: &Shared,
+    session: &LaneSession,
+    rows: &[ClaimedRow],
+    acked: &[Acked],
+) -> Result<(), LaneExit> {
+    if let Err(e) = session.complete(acked).await {
+        return Err(LaneExit::SessionLost(format!("deleting {} acknowledged rows failed: {e}", acked.len())));
+    }
+    shared.stats.delivered.fetch_add(acked.len() as u64, Ordering::Relaxed);
+    record_delivery(rows, acked);
+    Ok(())
+}
+
+/// A troubled window, settled as one batch once every record in it has its outcome.
+async fn settle_window(
+    shared: &Arc<Shared>,
+    lane: i16,
+    session: &LaneSession,
+    batches: Vec<Batch>,
+    generation: Option<Arc<super::producer::Generation>>,
+    st: &mut LaneState,
+) -> Result<(), LaneExit> {
+    let mut rows = Vec::new();
+    let mut outcomes = Vec::new();
+    let mut was_closed = Vec::new();
+    let mut probing = false;
+    for b in batches {
+        probing |= b.probing;
+        let closed = b.breaker_was_closed;
+        let (r, o) = b.into_outcomes();
+        was_closed.extend(std::iter::repeat_n(closed, r.len()));
+        rows.extend(r);
+        outcomes.extend(o);
+    }
+    // A producer that failed for good is replaced before anything is sent again; whose fault it
+    // was decides what its collateral counts as.
+    if let Some(generation) = &generation {
+        retire_failed(shared, generation, &mut outcomes).await;
+    }
+    let mut acked = Vec::with_capacity(outcomes.len());
+    let mut failed = Vec::new();
+    let mut dead = Vec::new();
+    let mut untouched = Vec::new();
+    let mut broker_failure = false;
+    for ((row, outcome), breaker_was_closed) in rows.iter().zip(outcomes).zip(was_closed) {
+        match outcome {
+            Outcome::Acked(a) => acked.push(a),
+            Outcome::Held => {}
+            Outcome::Failed { error, classified } => {
+                broker_failure |= classified.blames_broker;
+                match decide(shared, row, &classified, breaker_was_closed) {
+                    Decision::DeadLetter(why) => {
+                        crate::telemetry::dead_lettered(&row.topic, why);
+                        tracing::warn!(lane, message_id = %row.id, topic = %row.topic, attempts = row.attempts + 1,
+                            reason = why, error_class = classified.class, error = %error, "message dead-lettered");
+                        dead.push(DeadLetter {
+                            seq: row.seq,
+                            reason: why.to_owned(),
+                            error_class: classified.class.to_owned(),
+                            error,
+                        });
+                    }
+                    Decision::Retry(delay) => {
+                        tracing::warn!(lane, message_id = %row.id, topic = %row.topic, attempt = row.attempts + 1,
+                            retry_in_ms = delay.as_millis() as u64, error_class = classified.class, error = %error,
+                            "delivery failed; will retry");
+                        shared.stats.note_retry(row.attempts.max(0) as u32, delay);
+                        crate::telemetry::retried(&row.topic, classified.class);
+                        failed.push(FailedAttempt { seq: row.seq, error, delay_ms: delay.as_millis() as i64 });
+                    }
+                    Decision::Untouched => untouched.push(row.seq),
+                }
+            }
+        }
+    }
+    note_order_hazards(shared, lane, &rows, &acked, &failed, &dead, &untouched);
+    if broker_failure {
+        shared.breaker.on_failure();
+    } else if !acked.is_empty() {
+        shared.breaker.on_success();
+    } else if probing {
+        shared.breaker.release_probe();
+    }
+    st.cautious = broker_failure || !failed.is_empty();
+
+    complete(shared, session, &rows, &acked).await?;
+    // The next claim starts at the first row still pending (failed, waiting, held back).
+    let done: HashSet<i64> = acked.iter().map(|a| a.seq).chain(dead.iter().map(|d| d.seq)).collect();
+    if let Some(pending) = rows.iter().map(|r| r.seq).filter(|s| !done.contains(s)).min() {
+        st.cursor = st.cursor.min(pending);
+    }
+    if let Err(e) = session.record_failures(&failed).await {
+        return Err(LaneExit::SessionLost(format!("recording {} failed attempts failed: {e}", failed.len())));
+    }
+    shared.stats.retried.fetch_add(failed.len() as u64, Ordering::Relaxed);
+    if !dead.is_empty() {
+        let park = shared.config.dead_letter_policy == DeadLetterPolicy::ParkKey;
+        if let Err(e) = session.dead_letter(&dead, park, shared.config.instance_id).await {
+            return Err(LaneExit::SessionLost(format!("moving {} dead letters failed: {e}", dead.len())));
+        }
+        shared.stats.dead_lettered.fetch_add(dead.len() as u64, Ordering::Relaxed);
+        if let Some(dlq) = &shared.config.dlq_topic {
+            mirror_to_dlq(shared, dlq, &rows, &dead);
+        }
+    }
+    Ok(())
 }
 
 /// Takes the lane's cursor back to the start when its loop ends, so the sweep leaves it alone.
@@ -199,42 +383,6 @@ struct CursorGuard<'a> {
 impl Drop for CursorGuard<'_> {
     fn drop(&mut self) {
         self.shared.signals.publish_cursor(self.lane, lanes::FROM_START);
-    }
-}
-
-/// Where the next claim starts after a batch: at the first claimed row still pending (it failed,
-/// waits for a retry, or was held back), or past the last claimed row when none is. Rows below it
-/// are gone, or committed late (announced by their NOTIFY, or found by the sweep).
-fn next_cursor(claimed: &[ClaimedRow], acked: &[Acked], dead: &[DeadLetter]) -> i64 {
-    let done: HashSet<i64> = acked.iter().map(|a| a.seq).chain(dead.iter().map(|d| d.seq)).collect();
-    match claimed.iter().find(|r| !done.contains(&r.seq)) {
-        Some(pending) => pending.seq,
-        None => claimed.last().map_or(lanes::FROM_START, |r| r.seq + 1),
-    }
-}
-
-/// How a wait for work ended.
-enum Woken {
-    /// A NOTIFY (or the sweep) named the lane.
-    Notified,
-    /// The wait ran out: the next claim is a full one, which finds rows no NOTIFY announced.
-    Timer,
-    /// The lane must end.
-    Exit(LaneExit),
-}
-
-/// Waits for a NOTIFY naming the lane, or `poll` at most.
-async fn wait_for_work(
-    stop: &CancellationToken,
-    session: &LaneSession,
-    wake: &mut tokio::sync::watch::Receiver<u64>,
-    poll: Duration,
-) -> Woken {
-    tokio::select! {
-        _ = stop.cancelled() => Woken::Exit(LaneExit::Released),
-        _ = session.closed().cancelled() => Woken::Exit(LaneExit::SessionLost("the lane's database session closed".into())),
-        _ = wake.changed() => Woken::Notified,
-        _ = tokio::time::sleep(poll) => Woken::Timer,
     }
 }
 

@@ -14,13 +14,13 @@
 //! | `config.rs` | [`RelayConfig`] and its defaults |
 //! | `coordinator.rs` | heartbeat, lane balancing, gauges, periodic tasks |
 //! | `lane.rs` | the lane loop: claim, produce, complete; what a failure means |
-//! | `deliver.rs` | producing a batch and collecting its outcomes |
+//! | `deliver.rs` | a lane's window of records in flight and their outcomes |
 //! | `lane_session.rs` | a lane's session and its statements |
 //! | `lanes.rs` | wake-ups and claim ranges shared between listener, sweep and lane loops |
 //! | `listener.rs` | the LISTEN session |
 //! | `sweep.rs` | the look below the lanes' cursors for rows no NOTIFY announced |
 //! | `maintenance.rs` | pruning the archive and idempotency keys |
-//! | `producer.rs`, `kafka.rs`, `envelope.rs` | producer generations, librdkafka settings, headers |
+//! | `producer.rs`, `reports.rs`, `kafka.rs`, `envelope.rs` | producer generations, delivery reports routed to lanes, librdkafka settings, headers |
 //! | `breaker.rs` | the circuit breaker |
 //! | `stats.rs` | [`RelayStats`] |
 
@@ -36,6 +36,7 @@ mod lanes;
 mod listener;
 mod maintenance;
 pub(crate) mod producer;
+mod reports;
 mod stats;
 mod sweep;
 

@@ -29,15 +29,16 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use rdkafka::error::KafkaError;
-use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer, PurgeConfig};
+use rdkafka::producer::{BaseRecord, FutureProducer, Producer, PurgeConfig};
 
 use super::kafka::{KafkaConfigError, ProducerSettings};
+use super::reports::{DeliveryRouter, RelayProducer};
 use super::RelayStats;
 
 /// One producer and its generation number.
 pub(crate) struct Generation {
     /// The producer.
-    pub(crate) producer: FutureProducer,
+    pub(crate) producer: RelayProducer,
     /// Counts up from 1 with each replacement.
     pub(crate) number: u64,
     /// Set (under the write lock) before the producer is purged; a send holds the read lock from
@@ -51,27 +52,35 @@ pub(crate) enum SendError<'a> {
     /// The generation was retired: the row stays in the outbox and goes with the next one.
     Retired,
     /// librdkafka refused it (queue full: the record is given back to try again).
-    Kafka(KafkaError, FutureRecord<'a, [u8], [u8]>),
+    Kafka(KafkaError, BaseRecord<'a, [u8], [u8], usize>),
 }
 
 impl Generation {
-    fn new(producer: FutureProducer, number: u64) -> Self {
+    fn new(producer: RelayProducer, number: u64) -> Self {
         Self { producer, number, retired: RwLock::new(false) }
     }
 
-    /// Hands a record to this generation's producer, unless the generation was retired.
-    pub(crate) fn send<'a>(&self, record: FutureRecord<'a, [u8], [u8]>) -> Result<DeliveryFuture, SendError<'a>> {
+    /// Hands a record to this generation's producer, unless the generation was retired. Its
+    /// delivery report comes through the record's route.
+    pub(crate) fn send<'a>(&self, record: BaseRecord<'a, [u8], [u8], usize>) -> Result<(), SendError<'a>> {
         let retired = self.retired.read().expect("generation lock");
         if *retired {
             return Err(SendError::Retired);
         }
-        self.producer.send_result(record).map_err(|(e, r)| SendError::Kafka(e, r))
+        self.producer.send(record).map_err(|(e, r)| SendError::Kafka(e, r))
+    }
+
+    /// Whether this producer failed for good (a record refused under the gapless guarantee, or
+    /// the producer itself cannot work).
+    pub(crate) fn failed_for_good(&self) -> Option<(rdkafka::types::RDKafkaErrorCode, String)> {
+        self.producer.client().fatal_error()
     }
 }
 
-/// Holds the current generation; lanes take an `Arc` of it for one batch.
+/// Holds the current generation; a lane holds an `Arc` of it while it has records in flight.
 pub(crate) struct ProducerSlot {
     settings: ProducerSettings,
+    router: DeliveryRouter,
     current: RwLock<Arc<Generation>>,
     stats: Arc<RelayStats>,
 }
@@ -79,8 +88,15 @@ pub(crate) struct ProducerSlot {
 impl ProducerSlot {
     /// Creates the first generation.
     pub(crate) fn new(settings: ProducerSettings, stats: Arc<RelayStats>) -> Result<Self, KafkaConfigError> {
-        let producer = settings.create()?;
-        Ok(Self { settings, current: RwLock::new(Arc::new(Generation::new(producer, 1))), stats })
+        let router = DeliveryRouter::default();
+        let producer = settings.create_routed(router.clone())?;
+        Ok(Self { settings, router, current: RwLock::new(Arc::new(Generation::new(producer, 1))), stats })
+    }
+
+    /// Where delivery reports go: every generation shares one router, so a lane's route outlives
+    /// a replacement.
+    pub(crate) fn router(&self) -> &DeliveryRouter {
+        &self.router
     }
 
     /// The generation to send with.
@@ -91,8 +107,9 @@ impl ProducerSlot {
     /// Retires generation `number` if it is still the current one (several lanes may ask for the
     /// same one): a fresh producer takes over, the old one takes no more records, and everything
     /// it holds is purged, so its records fail now and their rows, still in the outbox, are sent
-    /// again by the new one. No lane sends a key's rows on the new generation while its batch on
-    /// the old one is unresolved (a lane's batches are serial), so the module's argument holds.
+    /// again by the new one. No lane sends a key's rows on the new generation while records it sent
+    /// on the old one are unresolved (a lane's window stays on one generation until it is
+    /// resolved), so the module's argument holds.
     pub(crate) async fn retire(&self, number: u64, why: &'static str) {
         if self.current().number != number {
             return;
@@ -100,7 +117,8 @@ impl ProducerSlot {
         // Made before taking the lock (creating a producer starts threads); dropped unused when
         // another lane retired this generation first.
         let settings = self.settings.clone();
-        let made = tokio::task::spawn_blocking(move || settings.create()).await;
+        let router = self.router.clone();
+        let made = tokio::task::spawn_blocking(move || settings.create_routed(router)).await;
         let producer = match made {
             Ok(Ok(p)) => p,
             Ok(Err(e)) => {

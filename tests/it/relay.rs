@@ -110,6 +110,7 @@ fn instance_of(application_name: &str) -> String {
 async fn committed_rows_survive_relay_kill_9_at_random_moments() {
     const KILLS: usize = 10;
     const BATCH: usize = 200;
+    const IN_FLIGHT: usize = 400;
     let s = TestSchema::new(8).await;
     let topic = create_topic("relay-kill", 4).await;
     let schema = s.name.clone();
@@ -120,10 +121,13 @@ async fn committed_rows_survive_relay_kill_9_at_random_moments() {
     let writers =
         tokio::spawn(async move { write_paced(&writer_schema, &topic_w, 4, 5_000, Duration::from_millis(90)).await });
 
+    let relay_flags =
+        ["--batch-size".to_owned(), BATCH.to_string(), "--max-in-flight".to_owned(), IN_FLIGHT.to_string()];
+    let relay_flags: Vec<&str> = relay_flags.iter().map(String::as_str).collect();
     let mut max_backlog = 0;
     let c = connect().await;
     for kill in 0..KILLS {
-        let mut relay = RelayProcess::start(&schema, &["--batch-size", &BATCH.to_string()]);
+        let mut relay = RelayProcess::start(&schema, &relay_flags);
         let alive_ms = rand::rng().random_range(700..2_500);
         tokio::time::sleep(Duration::from_millis(alive_ms)).await;
         max_backlog = max_backlog.max(count(&c, &s_ref.q("SELECT count(*) FROM __SCHEMA__.messages")).await);
@@ -138,14 +142,14 @@ async fn committed_rows_survive_relay_kill_9_at_random_moments() {
         tokio::time::sleep(Duration::from_millis(rand::rng().random_range(200..1_000))).await;
     }
     let committed = writers.await.unwrap();
-    let mut relay = RelayProcess::start(&schema, &["--batch-size", &BATCH.to_string()]);
+    let mut relay = RelayProcess::start(&schema, &relay_flags);
     let recovery = wait_until_empty(&s_ref, Duration::from_secs(180)).await;
     assert_eq!(relay.terminate(Duration::from_secs(30)), Some(0));
 
     let received = read_topic(&topic, committed.len(), Duration::from_secs(120));
     let f = figures(&committed, &received);
-    // Each kill can leave at most every lane's in-flight batch acknowledged but not deleted.
-    let bound = KILLS * 8 * BATCH;
+    // Each kill can leave at most what every lane had in flight acknowledged but not deleted.
+    let bound = KILLS * 8 * IN_FLIGHT;
     println!(
         "figures: rows committed {}, distinct ids at Kafka {}, duplicates {} (bound {bound}), rows lost {}, \
          order violations {}, max backlog {max_backlog}, final drain {recovery:?}",
