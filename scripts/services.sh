@@ -7,7 +7,8 @@
 #   scripts/services.sh start   start what is missing, write target/services/env.sh, print it
 #   scripts/services.sh stop    stop what `start` started (safe to call twice)
 #
-# PG_DURABLE=1 keeps fsync and synchronous_commit on (the benchmarks use it); the tests turn
+# PG_DURABLE=1 keeps fsync and synchronous_commit on and records commit times (the benchmarks use
+# them: latency is measured from each row's commit); the tests turn
 # them off because they test correctness, not durability of the machine's disk.
 #
 # KAFKA_FAULT_PROXY=1 (the soak uses it) puts scripts/fault_proxy.py in front of the broker: tansu
@@ -88,6 +89,7 @@ shared_buffers = 512MB
 fsync = $durable
 synchronous_commit = $durable
 full_page_writes = $durable
+track_commit_timestamp = $durable
 max_wal_size = 4GB
 log_min_messages = warning
 CONF

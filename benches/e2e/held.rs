@@ -59,17 +59,7 @@ pub(super) async fn held_snapshot_arm(
     let n = (rate * total.as_secs_f64()) as usize;
     let writers = tokio::spawn({
         let (db, s, topic) = (db.clone(), s.clone(), topic.clone());
-        async move {
-            paced_writers(&db, &s, &topic, rate, n, 4, |i, _| {
-                format!(
-                    "{{\"order\":{i},\"customer\":\"c-{}\",\"amount_cents\":{},\"note\":\"{}\"}}",
-                    i % 997,
-                    i * 37 % 9_900,
-                    "x".repeat(120)
-                )
-            })
-            .await
-        }
+        async move { paced_writers(&db, &s, &topic, rate, n, Writers { sessions: 4, durable: true }).await }
     });
     // A late row: its transaction takes its sequence number halfway through the run and commits a
     // second later, after about `rate` later rows went out; how long after its commit it is acked.
@@ -115,7 +105,7 @@ pub(super) async fn held_snapshot_arm(
         });
         (claims0, micros0) = (claims, micros);
     }
-    let lag = writers.await??;
+    let writes = writers.await??;
     let deadline = Instant::now() + Duration::from_secs(120);
     while observer.query_one("SELECT count(*) FROM outbox.messages", &[]).await?.get::<_, i64>(0) > 0
         && Instant::now() < deadline
@@ -132,15 +122,16 @@ pub(super) async fn held_snapshot_arm(
             (r.get::<_, chrono::DateTime<chrono::Utc>>(0) - late_committed).num_microseconds().unwrap_or(0) as f64
                 / 1000.0
         });
-    // commit→ack per window of commit time: p50, p99 (ms) and rows.
+    // commit→ack per window of commit time (track_commit_timestamp): p50, p99 (ms) and rows.
     let per_window = observer
         .query(
             "SELECT percentile_disc(0.5) WITHIN GROUP (ORDER BY lat), percentile_disc(0.99) WITHIN GROUP (ORDER BY lat), count(*)
-             FROM (SELECT floor(extract(epoch FROM created_at - min(created_at) OVER ())::float8 / $1::float8) AS w,
-                          (extract(epoch FROM delivered_at - created_at) * 1000)::float8 AS lat
-                   FROM outbox.delivered) d
+             FROM (SELECT floor(extract(epoch FROM committed - min(committed) OVER ())::float8 / $1::float8) AS w,
+                          (extract(epoch FROM delivered_at - committed) * 1000)::float8 AS lat
+                   FROM (SELECT d.delivered_at, pg_xact_commit_timestamp(w.xid::xid) AS committed
+                         FROM unnest($2::uuid[], $3::text[]) AS w(id, xid) JOIN outbox.delivered d USING (id)) c) d
              GROUP BY w ORDER BY w",
-            &[&window.as_secs_f64()],
+            &[&window.as_secs_f64(), &writes.ids, &writes.xids],
         )
         .await?
         .iter()
@@ -148,7 +139,7 @@ pub(super) async fn held_snapshot_arm(
         .collect();
     drop(observer);
     admin.batch_execute(&format!("DROP DATABASE IF EXISTS {dbname} WITH (FORCE)")).await?;
-    Ok(ArmResult { windows, per_window, lag, late_ms })
+    Ok(ArmResult { windows, per_window, lag: writes.lag, late_ms })
 }
 
 /// Section 7: the same load on two databases at once, one with a REPEATABLE READ transaction held

@@ -4,14 +4,20 @@
 //! `target/bench/results.md`.
 //!
 //! 1. Throughput: relay vs raw claim+delete (PostgreSQL alone) vs raw produce (broker alone).
-//! 2. Latency at 25/50/75% of the relay's peak: commit to recorded ack, commit to consumer effect
-//!    (measured from each message's scheduled send time: no coordinated omission).
+//! 2. The sustained peak (writers on this machine), and commit→ack at half of it.
 //! 3. Backlog drain, and the latency of rows written during the drain.
 //! 4. Inbox cost: consumer throughput without inbox, per-message inbox, batch inbox; 0% and 50%
 //!    duplicates.
 //! 5. Scaling: 1, 2 and 4 relay instances on one database.
 //! 6. Gentle rates: claims per delivered row and commit→ack at 200/s and 1,000/s.
+//!
+//! Latencies run from each row's commit (`track_commit_timestamp` in the benchmark cluster) to the
+//! broker's acknowledgement (the archive's `delivered_at`) and to the commit of the consumer's
+//! effect; writers are open loop, so a writer that falls behind shows as lag, not as a lower rate.
+//! Rates are measured over windows of at least 10 s (full mode), three times.
 //! 7. Held snapshot: the same load on two databases at once, one with a transaction held open.
+//! 8. The consumer's share: commit→effect through the inbox consumer at 1,000/s and at half the
+//!    peak.
 //!
 //! This file holds the shared pieces (services, schemas, payloads, paced writers) and `main`;
 //! `throughput.rs` sections 1 and 5, `latency.rs` 2, 3 and 6, `inbox.rs` 4, `held.rs` 7.
@@ -48,6 +54,8 @@ struct Ctx {
     db: DbConfig,
     brokers: String,
     short: bool,
+    /// How long each rate is measured (10 s in full mode).
+    window: Duration,
     out: String,
     run_id: String,
 }
@@ -140,8 +148,8 @@ async fn preload(ctx: &Ctx, s: &SchemaName, topic: &str, n: usize, size: usize) 
     Ok(())
 }
 
-async fn backlog(ctx: &Ctx, s: &SchemaName) -> Res<i64> {
-    let c = ctx.db.connect().await?;
+/// Rows still in the outbox.
+async fn pending_rows(c: &tokio_postgres::Client, s: &SchemaName) -> Res<i64> {
     Ok(c.query_one(&s.qualify("SELECT count(*) FROM __SCHEMA__.messages"), &[]).await?.get(0))
 }
 
@@ -182,44 +190,133 @@ fn pct(h: &Histogram<u64>) -> String {
     )
 }
 
-/// `writers` sessions commit `n` messages (one per transaction, `enqueue`) at `rate` in all, open
-/// loop: message `i` is due at `t0 + i / rate`, and a writer that falls behind shows up in the
-/// returned histogram of how late each commit was (µs), not as a lower rate.
-async fn paced_writers(
-    db: &DbConfig,
-    s: &SchemaName,
-    topic: &str,
-    rate: f64,
-    n: usize,
-    writers: usize,
-    payload: impl Fn(usize, Duration) -> String + Send + Sync + Clone + 'static,
-) -> Res<Histogram<u64>> {
-    let t0 = Instant::now() + Duration::from_millis(200);
-    let mut tasks = Vec::new();
-    for w in 0..writers {
-        let (db, s, topic, payload) = (db.clone(), s.clone(), topic.to_owned(), payload.clone());
-        tasks.push(tokio::spawn(async move {
-            let c = db.connect().await?;
-            let stmt = c.prepare(&s.qualify("SELECT __SCHEMA__.enqueue($1, $2, convert_to($3, 'UTF8'))")).await?;
-            let mut lags = Vec::new();
-            let mut i = w;
-            while i < n {
-                let due = Duration::from_secs_f64(i as f64 / rate);
-                tokio::time::sleep_until((t0 + due).into()).await;
-                c.execute(&stmt, &[&topic, &format!("key-{}", i % 1000), &payload(i, due)]).await?;
-                lags.push(Instant::now().saturating_duration_since(t0 + due).as_micros() as u64);
-                i += writers;
-            }
-            Ok::<Vec<u64>, Box<dyn std::error::Error + Send + Sync>>(lags)
-        }));
+/// How the benchmark's writers commit.
+#[derive(Clone, Copy, Debug)]
+struct Writers {
+    /// Sessions, each committing one message per transaction.
+    sessions: usize,
+    /// `synchronous_commit` of the writers' own sessions: off when fsync'd single-message
+    /// commits cannot keep the schedule (said in each table that uses it).
+    durable: bool,
+}
+
+impl Writers {
+    const FSYNCED: Writers = Writers { sessions: 8, durable: true };
+
+    fn describe(&self) -> String {
+        format!(
+            "{} writer sessions, one message per transaction, {}",
+            self.sessions,
+            if self.durable { "fsync'd commits" } else { "writers with synchronous_commit=off" }
+        )
     }
-    let mut lag = Histogram::<u64>::new(3)?;
-    for t in tasks {
-        for l in t.await?? {
-            lag.record(l.max(1))?;
+}
+
+/// What paced writers did: how late each commit was (µs), and each message's id and
+/// transaction, so that latencies are measured from the commit itself.
+struct Writes {
+    lag: Histogram<u64>,
+    ids: Vec<Uuid>,
+    xids: Vec<String>,
+}
+
+impl Writes {
+    fn lag_p99_ms(&self) -> f64 {
+        if self.lag.is_empty() {
+            0.0
+        } else {
+            self.lag.value_at_quantile(0.99) as f64 / 1000.0
         }
     }
-    Ok(lag)
+}
+
+/// An order event of about 200 bytes, varied in every field.
+fn order_event(i: usize) -> String {
+    format!(
+        "{{\"order\":{i},\"customer\":\"c-{}\",\"amount_cents\":{},\"currency\":\"{}\",\"ref\":\"{:016x}\",\"note\":\"{}\"}}",
+        i % 997,
+        i * 37 % 99_000,
+        ["EUR", "USD", "GBP", "SEK"][i % 4],
+        (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15),
+        ["gift wrap", "leave at the door", "call before delivery", "", "fragile: glass"][i % 5].repeat(1 + i % 3)
+    )
+}
+
+/// `w.sessions` sessions commit `n` messages (one per transaction, `enqueue`) at `rate` in all,
+/// open loop: message `i` is due at `t0 + i / rate`, and a writer that falls behind shows up in the
+/// lag histogram, not as a lower rate (no coordinated omission).
+async fn paced_writers(db: &DbConfig, s: &SchemaName, topic: &str, rate: f64, n: usize, w: Writers) -> Res<Writes> {
+    let t0 = Instant::now() + Duration::from_millis(200);
+    let mut tasks = Vec::new();
+    for k in 0..w.sessions {
+        let (db, s, topic) = (db.clone(), s.clone(), topic.to_owned());
+        tasks.push(tokio::spawn(async move {
+            let c = db.connect().await?;
+            if !w.durable {
+                c.batch_execute("SET synchronous_commit = off").await?;
+            }
+            let stmt = c
+                .prepare(
+                    &s.qualify("SELECT __SCHEMA__.enqueue_json($1, $2, $3::text::jsonb), pg_current_xact_id()::text"),
+                )
+                .await?;
+            let mut out = Vec::new();
+            let mut i = k;
+            while i < n {
+                let due = t0 + Duration::from_secs_f64(i as f64 / rate);
+                tokio::time::sleep_until(due.into()).await;
+                let row = c.query_one(&stmt, &[&topic, &format!("key-{}", i % 1000), &order_event(i)]).await?;
+                let lag = Instant::now().saturating_duration_since(due).as_micros() as u64;
+                out.push((row.get::<_, Uuid>(0), row.get::<_, String>(1), lag));
+                i += w.sessions;
+            }
+            Ok::<Vec<(Uuid, String, u64)>, Box<dyn std::error::Error + Send + Sync>>(out)
+        }));
+    }
+    let mut writes = Writes { lag: Histogram::<u64>::new(3)?, ids: Vec::with_capacity(n), xids: Vec::with_capacity(n) };
+    for t in tasks {
+        for (id, xid, lag) in t.await?? {
+            writes.lag.record(lag.max(1))?;
+            writes.ids.push(id);
+            writes.xids.push(xid);
+        }
+    }
+    Ok(writes)
+}
+
+/// From each message's commit (`track_commit_timestamp`) to the broker's acknowledgement (the
+/// archive's `delivered_at`), µs.
+async fn commit_to_ack(c: &tokio_postgres::Client, s: &SchemaName, w: &Writes) -> Res<Histogram<u64>> {
+    let sql = s.qualify(
+        "SELECT (extract(epoch FROM d.delivered_at - pg_xact_commit_timestamp(w.xid::xid)) * 1e6)::bigint
+         FROM unnest($1::uuid[], $2::text[]) AS w(id, xid) JOIN __SCHEMA__.delivered d USING (id)",
+    );
+    histogram(c.query(&sql, &[&w.ids, &w.xids]).await?)
+}
+
+/// From each message's commit to the commit of the consumer's effect (the effect row's own
+/// transaction), µs.
+async fn commit_to_effect(c: &tokio_postgres::Client, effects: &str, w: &Writes) -> Res<Histogram<u64>> {
+    let sql = format!(
+        "SELECT (extract(epoch FROM pg_xact_commit_timestamp(e.xmin) - pg_xact_commit_timestamp(w.xid::xid)) * 1e6)::bigint
+         FROM unnest($1::uuid[], $2::text[]) AS w(id, xid) JOIN {effects} e USING (id)"
+    );
+    histogram(c.query(&sql, &[&w.ids, &w.xids]).await?)
+}
+
+fn histogram(rows: Vec<tokio_postgres::Row>) -> Res<Histogram<u64>> {
+    let mut h = Histogram::<u64>::new(3)?;
+    for r in rows {
+        h.record(r.get::<_, i64>(0).max(1) as u64)?;
+    }
+    Ok(h)
+}
+
+/// The median of three runs by `key`, and the spread of `key` over the three.
+fn median_of_3<T>(mut runs: Vec<T>, key: impl Fn(&T) -> f64) -> (T, f64, f64) {
+    runs.sort_by(|a, b| key(a).total_cmp(&key(b)));
+    let (lo, hi) = (key(&runs[0]), key(&runs[runs.len() - 1]));
+    (runs.swap_remove(runs.len() / 2), lo, hi)
 }
 
 #[tokio::main(flavor = "multi_thread")]
@@ -240,7 +337,8 @@ async fn main() -> Res<()> {
         std::env::var("KAFKA_BROKERS").map_err(|_| "KAFKA_BROKERS is not set: run `bash scripts/bench.sh`")?;
     let run_id =
         format!("{:x}", std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs() % 0xfffff);
-    let mut ctx = Ctx { db, brokers, short, out: String::new(), run_id };
+    let window = Duration::from_secs(if short { 3 } else { 10 });
+    let mut ctx = Ctx { db, brokers, short, window, out: String::new(), run_id };
     let c = ctx.db.connect().await?;
     let fsync: String = c.query_one("SHOW fsync", &[]).await?.get(0);
     let sync: String = c.query_one("SHOW synchronous_commit", &[]).await?.get(0);
@@ -249,16 +347,16 @@ async fn main() -> Res<()> {
         if short { "short" } else { "full" }
     ));
 
-    // 1. Throughput (also gives the peak the latency rates are shares of).
-    let n = ctx.size(30_000, 150_000);
-    let mut peak = 0.0;
-    if run(1) || run(2) {
-        peak = throughput::throughput(&mut ctx, n).await?;
+    let secs = ctx.window.as_secs_f64();
+    // 1. Throughput against the same-run baselines.
+    let mut relay_rate = 40_000.0;
+    if run(1) {
+        relay_rate = throughput::throughput(&mut ctx).await?;
     }
-
-    // 2. Latency.
-    if run(2) {
-        latency::latency(&mut ctx, peak).await?;
+    // 2. Sustained peak and latency at half of it (BENCH_HALF_PEAK skips the search).
+    let mut half_peak = std::env::var("BENCH_HALF_PEAK").ok().and_then(|v| v.parse().ok());
+    if run(2) && half_peak.is_none() {
+        half_peak = Some(latency::peak_and_latency(&mut ctx, secs).await?);
     }
     // 3. Backlog drain.
     if run(3) {
@@ -270,11 +368,15 @@ async fn main() -> Res<()> {
     }
     // 5. Scaling.
     if run(5) {
-        throughput::scaling(&mut ctx).await?;
+        throughput::scaling(&mut ctx, relay_rate).await?;
     }
     // 6. Gentle rates: work per row and latency where users feel it.
     if run(6) {
-        latency::gentle_rates(&mut ctx, if short { 10.0 } else { 20.0 }).await?;
+        latency::gentle_rates(&mut ctx, secs).await?;
+    }
+    // 8. The consumer's share: commit→effect.
+    if run(8) {
+        latency::consumer_share(&mut ctx, secs, half_peak).await?;
     }
     // 7. Held snapshot: BENCH_HELD_MINUTES long (10 by default, 2 with --short), ten windows.
     if run(7) {

@@ -1,50 +1,155 @@
-//! Sections 1 (throughput against the baselines) and 5 (scaling) of the e2e benchmarks (see main.rs).
+//! Sections 1 (throughput against the baselines) and 5 (scaling) of the e2e benchmarks (see
+//! main.rs). Every rate is measured over a window of `Ctx::window` (10 s in full mode) after a
+//! second of warm-up, three times; tables give the median and the spread.
+
+use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
+use rdkafka::ClientContext;
 
 use super::*;
 
-/// Raw PostgreSQL: the relay's own claim and delete statements, one session per lane, no Kafka.
-pub(super) async fn claim_delete_rate(ctx: &Ctx, s: &SchemaName, lanes: i16, n: usize) -> Res<f64> {
-    let start = Instant::now();
+/// A rate measured over a window, and whether the rows ran out before the window ended (then the
+/// rate is over the time it took).
+#[derive(Clone, Copy)]
+pub(super) struct Rate {
+    pub(super) per_s: f64,
+    pub(super) ran_out: bool,
+}
+
+impl std::fmt::Display for Rate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:.0}{}", self.per_s, if self.ran_out { "*" } else { "" })
+    }
+}
+
+/// Counts `done` over the window after the warm-up, or until `left` says nothing is left.
+async fn windowed<F, G, Fut>(ctx: &Ctx, done: F, left: G) -> Res<Rate>
+where
+    F: Fn() -> u64,
+    G: Fn() -> Fut,
+    Fut: std::future::Future<Output = Res<bool>>,
+{
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let (start, n0) = (Instant::now(), done());
+    let mut ran_out = false;
+    while start.elapsed() < ctx.window {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        if !left().await? {
+            ran_out = true;
+            break;
+        }
+    }
+    Ok(Rate { per_s: (done() - n0) as f64 / start.elapsed().as_secs_f64(), ran_out })
+}
+
+/// Raw PostgreSQL: the relay's own claim and delete statements, one session per lane, no Kafka,
+/// over `n` preloaded rows.
+pub(super) async fn claim_delete_rate(ctx: &Ctx, s: &SchemaName, lanes: i16) -> Res<Rate> {
+    let done = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let running = Arc::new(std::sync::atomic::AtomicUsize::new(lanes as usize));
+    let stop = CancellationToken::new();
     let mut tasks = Vec::new();
     for lane in 0..lanes {
-        let db = ctx.db.clone();
-        let s = s.clone();
+        let (db, s, done, running, stop) = (ctx.db.clone(), s.clone(), done.clone(), running.clone(), stop.clone());
         tasks.push(tokio::spawn(async move {
             let c = db.connect().await?;
             let claim = c.prepare(&s.qualify(include_str!("../../src/sql/claim.sql"))).await?;
             let delete = c.prepare(&s.qualify(include_str!("../../src/sql/delete_acked.sql"))).await?;
-            let mut done = 0u64;
             // From a cursor, as the relay's lanes claim.
             let mut from = i64::MIN;
-            loop {
+            while !stop.is_cancelled() {
                 let rows = c.query(&claim, &[&lane, &1000i64, &from, &i64::MAX]).await?;
                 if rows.is_empty() {
-                    return Ok::<u64, Box<dyn std::error::Error + Send + Sync>>(done);
+                    break;
                 }
                 let seqs: Vec<i64> = rows.iter().map(|r| r.get(0)).collect();
                 from = seqs[seqs.len() - 1] + 1;
                 c.execute(&delete, &[&lane, &seqs]).await?;
-                done += seqs.len() as u64;
+                done.fetch_add(seqs.len() as u64, Ordering::Relaxed);
             }
+            running.fetch_sub(1, Ordering::Relaxed);
+            Ok::<(), Box<dyn std::error::Error + Send + Sync>>(())
         }));
     }
-    let mut total = 0;
+    let rate = windowed(
+        ctx,
+        || done.load(Ordering::Relaxed),
+        || async { Ok(running.load(Ordering::Relaxed) == lanes as usize) },
+    )
+    .await?;
+    stop.cancel();
     for t in tasks {
-        total += t.await??;
+        t.await??;
     }
-    assert_eq!(total as usize, n);
-    Ok(n as f64 / start.elapsed().as_secs_f64())
+    Ok(rate)
 }
 
-/// Raw broker: the same records (envelope headers included), pipelined, no PostgreSQL.
-pub(super) async fn produce_rate(ctx: &Ctx, topic: &str, n: usize, payloads: &[Vec<u8>]) -> Res<f64> {
+/// Counts delivery reports: the fastest way librdkafka reports, one callback per record.
+#[derive(Default)]
+struct CountingContext {
+    acked: std::sync::atomic::AtomicU64,
+    failed: std::sync::atomic::AtomicU64,
+}
+
+impl ClientContext for CountingContext {}
+
+impl ProducerContext for CountingContext {
+    type DeliveryOpaque = ();
+    fn delivery(&self, result: &DeliveryResult<'_>, _: ()) {
+        match result {
+            Ok(_) => self.acked.fetch_add(1, Ordering::Relaxed),
+            Err(_) => self.failed.fetch_add(1, Ordering::Relaxed),
+        };
+    }
+}
+
+/// Raw broker: the same records (envelope headers included) from one thread, pipelined, reports
+/// by callback, no PostgreSQL.
+pub(super) async fn produce_rate(ctx: &Ctx, topic: &str, payloads: Arc<Vec<Vec<u8>>>) -> Res<Rate> {
     let settings = outbox_relay::relay::kafka::ProducerSettings {
         brokers: ctx.brokers.clone(),
         message_timeout: Duration::from_secs(30),
         properties: tuning_properties(),
     };
-    let producer: FutureProducer = settings.create()?;
-    let row = ClaimedRow {
+    let producer: Arc<ThreadedProducer<CountingContext>> =
+        Arc::new(settings.client_config()?.create_with_context(CountingContext::default())?);
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sender = {
+        let (producer, stop, topic) = (producer.clone(), stop.clone(), topic.to_owned());
+        std::thread::spawn(move || {
+            let mut row = bench_row(&topic);
+            let mut i = 0usize;
+            while !stop.load(Ordering::Relaxed) {
+                row.id = Uuid::now_v7();
+                let key = format!("key-{}", i % 1000);
+                let headers = envelope::headers(&row, "/bench");
+                let mut record =
+                    BaseRecord::to(&topic).key(key.as_bytes()).payload(payloads[i % payloads.len()].as_slice());
+                // BENCH_NO_HEADERS=1 measures what the envelope headers cost the broker path.
+                if std::env::var_os("BENCH_NO_HEADERS").is_none() {
+                    record = record.headers(headers);
+                }
+                while let Err((_, r)) = producer.send(record) {
+                    record = r;
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                i += 1;
+            }
+        })
+    };
+    let ctx_ref = producer.context().clone();
+    let rate = windowed(ctx, || ctx_ref.acked.load(Ordering::Relaxed), || async { Ok(true) }).await?;
+    stop.store(true, Ordering::Relaxed);
+    sender.join().map_err(|_| "the produce-alone sender panicked")?;
+    tokio::task::spawn_blocking(move || producer.flush(Duration::from_secs(60))).await??;
+    if ctx_ref.failed.load(Ordering::Relaxed) > 0 {
+        return Err(format!("{} records failed in produce-alone", ctx_ref.failed.load(Ordering::Relaxed)).into());
+    }
+    Ok(rate)
+}
+
+/// A row the envelope can be built from (for produce-alone).
+pub(super) fn bench_row(topic: &str) -> ClaimedRow {
+    ClaimedRow {
         seq: 0,
         id: Uuid::now_v7(),
         topic: topic.to_owned(),
@@ -53,7 +158,7 @@ pub(super) async fn produce_rate(ctx: &Ctx, topic: &str, n: usize, payloads: &[V
         headers: Vec::new(),
         malformed: None,
         message_type: None,
-        content_type: Some("application/octet-stream".into()),
+        content_type: Some("application/json".into()),
         correlation_id: None,
         traceparent: None,
         created_at: chrono::Utc::now(),
@@ -61,127 +166,107 @@ pub(super) async fn produce_rate(ctx: &Ctx, topic: &str, n: usize, payloads: &[V
         waiting: false,
         wait_ms: 0,
         age_ms: 0,
-    };
-    let start = Instant::now();
-    let mut pending = std::collections::VecDeque::with_capacity(n);
-    for i in 0..n {
-        let mut r = row.clone();
-        r.id = Uuid::now_v7();
-        let key = format!("key-{}", i % 1000);
-        let mut record = FutureRecord::to(topic).key(key.as_bytes()).payload(payloads[i % payloads.len()].as_slice());
-        // BENCH_NO_HEADERS=1 measures what the envelope headers cost the broker path.
-        if std::env::var_os("BENCH_NO_HEADERS").is_none() {
-            record = record.headers(envelope::headers(&r, "/bench"));
-        }
-        loop {
-            match producer.send_result(record) {
-                Ok(f) => {
-                    pending.push_back(f);
-                    break;
-                }
-                Err((_, rec)) => {
-                    record = rec;
-                    if let Some(f) = pending.pop_front() {
-                        ack(f).await?;
-                    }
-                }
-            }
-        }
     }
-    for f in pending {
-        ack(f).await?;
-    }
-    Ok(n as f64 / start.elapsed().as_secs_f64())
 }
 
-/// One acknowledgement, within a minute: the relay's producer settings never time a record out
-/// inside librdkafka, so a broker gone away would otherwise hang the benchmark.
-pub(super) async fn ack(f: rdkafka::producer::DeliveryFuture) -> Res<()> {
-    tokio::time::timeout(Duration::from_secs(60), f)
-        .await
-        .map_err(|_| "no acknowledgement within 60 s: is the broker up?")??
-        .map_err(|(e, _)| e)?;
-    Ok(())
-}
-
-/// The relay draining `n` rows committed in one go while it already runs.
-pub(super) async fn relay_rate(
-    ctx: &Ctx,
-    s: &SchemaName,
-    topic: &str,
-    n: usize,
-    size: usize,
-    instances: usize,
-) -> Res<f64> {
+/// The relay draining preloaded rows: its rate over the window once it has its lanes.
+pub(super) async fn relay_rate(ctx: &Ctx, s: &SchemaName, instances: usize) -> Res<Rate> {
     let relays: Vec<Running> = (0..instances).map(|_| start_relay(ctx.relay_config(s))).collect();
     for r in &relays {
         r.wait_lanes(1).await;
     }
-    tokio::time::sleep(Duration::from_millis(1200)).await; // let the instances balance their lanes
-    let start = Instant::now();
-    preload(ctx, s, topic, n, size).await?;
     let total = || relays.iter().map(|r| r.stats.delivered.load(Ordering::Relaxed)).sum::<u64>();
-    while total() < n as u64 {
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    let rate = n as f64 / start.elapsed().as_secs_f64();
+    let c = ctx.db.connect().await?;
+    let rate = windowed(ctx, total, || async { Ok(pending_rows(&c, s).await? > 0) }).await?;
     for r in relays {
         r.stop().await?;
     }
     Ok(rate)
 }
 
-/// Section 1: throughput at 200 B and 2 KiB against both baselines; the relay's rate at 200 B.
-pub(super) async fn throughput(ctx: &mut Ctx, n: usize) -> Res<f64> {
-    ctx.say(&format!("## 1. Throughput ({n} messages, 16 lanes, 4 partitions)\n"));
-    ctx.say("| payload | claim+delete alone (msg/s) | produce alone (msg/s) | relay (msg/s) | relay / min(both) |");
-    ctx.say("|---|---|---|---|---|");
+/// Rows to preload so that a path measured at about `rate` rows/s does not run out within the
+/// warm-up and the window.
+fn rows_for(ctx: &Ctx, rate: f64) -> usize {
+    ((rate * (ctx.window.as_secs_f64() + 2.0)) as usize).max(10_000)
+}
+
+/// Section 1: throughput at 200 B and 2 KiB against both baselines, three runs each; returns the
+/// relay's median rate at 200 B.
+pub(super) async fn throughput(ctx: &mut Ctx) -> Res<f64> {
+    ctx.say(&format!(
+        "## 1. Throughput (16 lanes, 4 partitions; each rate over {:.0} s after 1 s of warm-up; median of 3, spread)\n",
+        ctx.window.as_secs_f64()
+    ));
+    ctx.say("| payload | claim+delete alone (msg/s) | produce alone (msg/s) | relay (msg/s) | relay / min(both), median run | ratio of the 3 runs |");
+    ctx.say("|---|---|---|---|---|---|");
     let mut peak = 0.0;
     for size in [200usize, 2048] {
-        let s = ctx.schema(&format!("cd{size}"), 16).await?;
-        let topic = ctx.topic(&format!("cd{size}"), 4).await?;
-        preload(ctx, &s, &topic, n, size).await?;
-        // The produce-alone baseline sends the very payloads the relay sends.
-        let sample: Vec<Vec<u8>> = ctx
-            .db
-            .connect()
-            .await?
-            .query(&s.qualify("SELECT payload FROM __SCHEMA__.messages LIMIT 1000"), &[])
-            .await?
-            .iter()
-            .map(|r| r.get(0))
-            .collect();
+        // A first short claim+delete run sizes the preloads.
+        let probe = ctx.schema(&format!("probe{size}"), 16).await?;
+        let probe_topic = ctx.topic(&format!("probe{size}"), 4).await?;
+        preload(ctx, &probe, &probe_topic, 50_000, size).await?;
+        let sample: Arc<Vec<Vec<u8>>> = Arc::new(
+            ctx.db
+                .connect()
+                .await?
+                .query(&probe.qualify("SELECT payload FROM __SCHEMA__.messages LIMIT 1000"), &[])
+                .await?
+                .iter()
+                .map(|r| r.get(0))
+                .collect(),
+        );
         let mean = sample.iter().map(Vec::len).sum::<usize>() / sample.len().max(1);
-        let cd = claim_delete_rate(ctx, &s, 16, n).await?;
-        let prod = produce_rate(ctx, &ctx.topic(&format!("prod{size}"), 4).await?, n, &sample).await?;
-        let s2 = ctx.schema(&format!("relay{size}"), 16).await?;
-        let rl = relay_rate(ctx, &s2, &topic, n, size, 1).await?;
+        let mut runs = Vec::new();
+        let mut cd_guess = 150_000.0f64;
+        for run in 0..3 {
+            let s = ctx.schema(&format!("cd{size}r{run}"), 16).await?;
+            let topic = ctx.topic(&format!("cd{size}r{run}"), 4).await?;
+            preload(ctx, &s, &topic, rows_for(ctx, cd_guess), size).await?;
+            let cd = claim_delete_rate(ctx, &s, 16).await?;
+            let prod = produce_rate(ctx, &ctx.topic(&format!("prod{size}r{run}"), 4).await?, sample.clone()).await?;
+            let s2 = ctx.schema(&format!("relay{size}r{run}"), 16).await?;
+            preload(ctx, &s2, &topic, rows_for(ctx, prod.per_s.min(cd.per_s) * 1.1), size).await?;
+            let rl = relay_rate(ctx, &s2, 1).await?;
+            cd_guess = cd.per_s * 1.2;
+            runs.push((cd, prod, rl));
+        }
+        let ratio = |r: &(Rate, Rate, Rate)| r.2.per_s / r.0.per_s.min(r.1.per_s);
+        let ratios: Vec<String> = runs.iter().map(|r| format!("{:.2}", ratio(r))).collect();
+        let (m, _, _) = median_of_3(runs, ratio);
         if size == 200 {
-            peak = rl;
+            peak = m.2.per_s;
         }
         ctx.say(&format!(
-            "| {size} B (JSON, mean {mean} B) | {cd:.0} | {prod:.0} | {rl:.0} | {:.2} |",
-            rl / cd.min(prod)
+            "| {size} B (JSON, mean {mean} B) | {} | {} | {} | **{:.2}** | {} |",
+            m.0,
+            m.1,
+            m.2,
+            ratio(&m),
+            ratios.join(", ")
         ));
     }
+    ctx.say("\n(* the rows ran out before the window ended: the rate is over the time they lasted.)");
     Ok(peak)
 }
 
 /// Section 5: 1, 2 and 4 relay instances on one database.
-pub(super) async fn scaling(ctx: &mut Ctx) -> Res<()> {
-    let k = ctx.size(30_000, 150_000);
-    ctx.say(&format!("\n## 5. Scaling ({k} rows of 200 B, 16 lanes, instances in one process on this machine)\n"));
+pub(super) async fn scaling(ctx: &mut Ctx, per_instance_guess: f64) -> Res<()> {
+    ctx.say(&format!(
+        "\n## 5. Scaling (200 B, 16 lanes, instances in one process on this machine; rate over {:.0} s)\n",
+        ctx.window.as_secs_f64()
+    ));
     ctx.say("| instances | msg/s | vs 1 |");
     ctx.say("|---|---|---|");
     let mut one = 0.0;
     for instances in [1usize, 2, 4] {
         let s = ctx.schema(&format!("scale{instances}"), 16).await?;
         let topic = ctx.topic(&format!("scale{instances}"), 4).await?;
-        let r = relay_rate(ctx, &s, &topic, k, 200, instances).await?;
+        preload(ctx, &s, &topic, rows_for(ctx, per_instance_guess * 1.3), 200).await?;
+        let r = relay_rate(ctx, &s, instances).await?;
         if instances == 1 {
-            one = r;
+            one = r.per_s;
         }
-        ctx.say(&format!("| {instances} | {r:.0} | {:.2} |", r / one));
+        ctx.say(&format!("| {instances} | {r} | {:.2} |", r.per_s / one));
     }
     Ok(())
 }

@@ -16,6 +16,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::breaker::{BreakerState, Permit};
+use super::completions::Completions;
 use super::deliver::{mirror_to_dlq, retire_failed, Batch, Outcome, Window};
 use super::lane_session::{Acked, ClaimedRow, DeadLetter, FailedAttempt, LaneSession};
 use super::{lanes, DeadLetterPolicy, Shared};
@@ -70,18 +71,22 @@ pub(crate) async fn run_lane(
     let mut failed_check = tokio::time::interval(Duration::from_millis(50));
     failed_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let max_in_flight = shared.config.max_in_flight.max(1);
+    let mut completions = Completions::new(&session);
     loop {
         if session.closed().is_cancelled() {
             return LaneExit::SessionLost("the lane's database session closed".into());
         }
         window.take_reports(&shared);
         while let Some(batch) = window.pop_acknowledged() {
-            if let Err(exit) = settle_acknowledged(&shared, &session, batch).await {
-                return exit;
-            }
+            let (rows, acked) = acknowledged(&shared, batch);
+            completions.push(rows, acked).await;
             st.cautious = false;
         }
         if window.troubled() && window.resolved() {
+            // Deletes stay in order: what was acknowledged before goes first.
+            if let Err(e) = completions.drain(&shared).await {
+                return LaneExit::SessionLost(e);
+            }
             let (batches, generation) = window.take_all();
             if let Err(exit) = settle_window(&shared, lane, &session, batches, generation, &mut st).await {
                 return exit;
@@ -91,7 +96,12 @@ pub(crate) async fn run_lane(
         shared.signals.publish_cursor(lane, window.lowest().map_or(st.cursor, |w| w.min(st.cursor)));
         let stopping = stop.is_cancelled();
         if stopping && window.is_empty() {
-            return LaneExit::Released;
+            // Completing is not interrupted by a stop: what the broker acknowledged is removed
+            // before the lane is let go, or redelivered by its next owner.
+            return match completions.drain(&shared).await {
+                Ok(()) => LaneExit::Released,
+                Err(e) => LaneExit::SessionLost(e),
+            };
         }
 
         let room = window.rows() < max_in_flight && !window.troubled() && (!st.cautious || window.is_empty());
@@ -118,8 +128,17 @@ pub(crate) async fn run_lane(
                         shared.config.batch_size.min(max_in_flight - window.rows())
                     };
                     wake.borrow_and_update();
-                    if let Err(exit) =
-                        claim_and_send(&shared, lane, &session, &mut window, &mut st, limit, probing).await
+                    if let Err(exit) = claim_and_send(
+                        &shared,
+                        lane,
+                        &session,
+                        &mut window,
+                        completions.held(),
+                        &mut st,
+                        limit,
+                        probing,
+                    )
+                    .await
                     {
                         return exit;
                     }
@@ -136,6 +155,11 @@ pub(crate) async fn run_lane(
                 return LaneExit::SessionLost("the lane's database session closed".into());
             }
             _ = stop.cancelled(), if !stopping => {}
+            done = completions.next(&shared), if !completions.is_empty() => {
+                if let Err(e) = done {
+                    return LaneExit::SessionLost(e);
+                }
+            }
             report = window.report(), if window.awaiting() => {
                 if let Some(r) = report {
                     window.apply(&shared, r);
@@ -176,19 +200,21 @@ async fn sleep_until_some(at: Option<Instant>) {
 }
 
 /// Claims up to `limit` rows from the cursor (past what is in flight) and sends the ready ones.
+#[allow(clippy::too_many_arguments)]
 async fn claim_and_send(
     shared: &Shared,
     lane: i16,
     session: &LaneSession,
     window: &mut Window,
+    deleting: &HashSet<i64>,
     st: &mut LaneState,
     limit: usize,
     probing: bool,
 ) -> Result<(), LaneExit> {
     let range = shared.signals.claim_range(lane, st.cursor, std::mem::take(&mut st.full_claim));
     // A claim from below the cursor (a late row, a full read) also meets the rows in the window:
-    // ask for that many more, and leave them out.
-    let below = range.from < st.cursor && !window.is_empty();
+    // ask for that many more, and leave them out (and acknowledged ones not deleted yet).
+    let below = range.from < st.cursor && !(window.is_empty() && deleting.is_empty());
     let ask = if below { limit + window.rows() } else { limit };
     shared.stats.claims.fetch_add(1, Ordering::Relaxed);
     let claim_started = std::time::Instant::now();
@@ -210,9 +236,9 @@ async fn claim_and_send(
     let full = claimed.iter().filter(|r| r.seq >= range.from).count() >= ask;
     let last_read = claimed.last().map(|r| r.seq);
     let mut rows = claimed;
-    if !window.is_empty() && rows.first().is_some_and(|r| r.seq < st.cursor) {
+    if !(window.is_empty() && deleting.is_empty()) && rows.first().is_some_and(|r| r.seq < st.cursor) {
         let in_window: HashSet<i64> = window.seqs().collect();
-        rows.retain(|r| !in_window.contains(&r.seq));
+        rows.retain(|r| !in_window.contains(&r.seq) && !deleting.contains(&r.seq));
     }
     // Order first: the lane goes no further than its first row that waits for a retry.
     let ready = rows.iter().take_while(|r| !r.waiting).count().min(limit);
@@ -249,8 +275,8 @@ async fn claim_and_send(
     Ok(())
 }
 
-/// A batch whose every row was acknowledged: delete (or archive) them in one statement.
-async fn settle_acknowledged(shared: &Shared, session: &LaneSession, batch: Batch) -> Result<(), LaneExit> {
+/// A batch whose every row was acknowledged: a success for the breaker, and rows to delete.
+fn acknowledged(shared: &Shared, batch: Batch) -> (Vec<ClaimedRow>, Vec<Acked>) {
     let (rows, outcomes) = batch.into_outcomes();
     let acked: Vec<Acked> = outcomes
         .into_iter()
@@ -260,11 +286,10 @@ async fn settle_acknowledged(shared: &Shared, session: &LaneSession, batch: Batc
         })
         .collect();
     shared.breaker.on_success();
-    complete(shared, session, &rows, &acked).await
+    (rows, acked)
 }
 
-/// Completing is not interrupted by a stop: what the broker acknowledged is removed before the
-/// lane is let go, or redelivered by its next owner.
+/// Deletes (or archives) a settled window's acknowledged rows in one statement.
 async fn complete(
     shared: &Shared,
     session: &LaneSession,
@@ -387,7 +412,7 @@ impl Drop for CursorGuard<'_> {
 }
 
 /// Delivery metrics for a completed batch: per topic counts and write-to-ack latencies.
-fn record_delivery(rows: &[ClaimedRow], acked: &[Acked]) {
+pub(super) fn record_delivery(rows: &[ClaimedRow], acked: &[Acked]) {
     if acked.is_empty() {
         return;
     }

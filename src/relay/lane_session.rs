@@ -258,10 +258,10 @@ impl LaneSession {
                 let offsets: Vec<i64> = acked.iter().map(|a| a.offset).collect();
                 // How long ago each acknowledgement came, so `delivered_at` is the broker's
                 // acknowledgement on the database's clock, not the time of this batched statement.
-                let ack_ages_ms: Vec<i64> = acked.iter().map(|a| a.acked_at.elapsed().as_millis() as i64).collect();
+                let ack_ages_us: Vec<i64> = acked.iter().map(|a| a.acked_at.elapsed().as_micros() as i64).collect();
                 timed(
                     self.call_timeout,
-                    self.client.execute(stmt, &[&self.lane, &seqs, &topics, &partitions, &offsets, &ack_ages_ms]),
+                    self.client.execute(stmt, &[&self.lane, &seqs, &topics, &partitions, &offsets, &ack_ages_us]),
                 )
                 .await
             }

@@ -15,6 +15,7 @@
 //! | `coordinator.rs` | heartbeat, lane balancing, gauges, periodic tasks |
 //! | `lane.rs` | the lane loop: claim, produce, complete; what a failure means |
 //! | `deliver.rs` | a lane's window of records in flight and their outcomes |
+//! | `completions.rs` | deleting acknowledged rows beside the lane's claims |
 //! | `lane_session.rs` | a lane's session and its statements |
 //! | `lanes.rs` | wake-ups and claim ranges shared between listener, sweep and lane loops |
 //! | `listener.rs` | the LISTEN session |
@@ -25,6 +26,7 @@
 //! | `stats.rs` | [`RelayStats`] |
 
 pub mod breaker;
+mod completions;
 mod config;
 mod coordinator;
 mod deliver;
