@@ -57,7 +57,10 @@ pub(super) async fn inbox_rate(ctx: &Ctx, mode: &str, m: usize, dup_share: f64) 
             seen += 1;
         }
         // Time from the first record on, like the runner modes below (group join excluded).
-        return Ok(m as f64 / first.map_or(start, |f| f).elapsed().as_secs_f64());
+        let rate = m as f64 / first.map_or(start, |f| f).elapsed().as_secs_f64();
+        drop(consumer);
+        ctx.forget(&s, &[&topic]).await?;
+        return Ok(rate);
     }
     struct Effect(String);
     impl Handler for Effect {
@@ -71,7 +74,7 @@ pub(super) async fn inbox_rate(ctx: &Ctx, mode: &str, m: usize, dup_share: f64) 
     let mut cc = ConsumerConfig::new(
         ctx.brokers.clone(),
         format!("{mode}-{}-{}", ctx.run_id, (dup_share * 100.0) as u32),
-        vec![topic],
+        vec![topic.clone()],
         "bench",
         s.clone(),
         ctx.db.clone(),
@@ -92,6 +95,7 @@ pub(super) async fn inbox_rate(ctx: &Ctx, mode: &str, m: usize, dup_share: f64) 
     assert_eq!(stats.processed.load(Ordering::Relaxed) as usize, distinct, "effects applied once each");
     stop.cancel();
     task.await??;
+    ctx.forget(&s, &[&topic]).await?;
     Ok(rate)
 }
 

@@ -117,6 +117,7 @@ pub(super) async fn paced_run(
     }
     relay.stop().await?;
     let ack = commit_to_ack(&c, &s, &writes).await?;
+    ctx.forget(&s, &[&topic]).await?;
     Ok(PacedRun { claims_per_row: claims as f64 / delivered.max(1) as f64, ack, effect, writes, max_backlog })
 }
 
@@ -300,6 +301,7 @@ pub(super) async fn drain(ctx: &mut Ctx) -> Res<()> {
         let probes = probe.await??;
         relay.stop().await?;
         let during = commit_to_ack(&c, &s, &probes).await?;
+        ctx.forget(&s, &[&topic]).await?;
         ctx.say(&format!(
             "| {} | {:.2} | {:.2} | {:.0} | {} ({} rows) |",
             run + 1,

@@ -92,6 +92,29 @@ impl Ctx {
         Ok(t)
     }
 
+    /// Drops a run's schema and deletes its topic once its figures are read, so that later runs
+    /// meet neither its tables (autovacuum, catalog) nor its records (the test broker keeps every
+    /// record in memory).
+    async fn forget(&self, s: &SchemaName, topics: &[&str]) -> Res<()> {
+        self.db.connect().await?.batch_execute(&format!("DROP SCHEMA IF EXISTS {} CASCADE", s.ident())).await?;
+        self.delete_topics(topics).await
+    }
+
+    async fn delete_topics(&self, topics: &[&str]) -> Res<()> {
+        if topics.is_empty() {
+            return Ok(());
+        }
+        let admin: AdminClient<DefaultClientContext> =
+            ClientConfig::new().set("bootstrap.servers", &self.brokers).create()?;
+        let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
+        for r in admin.delete_topics(topics, &opts).await? {
+            if let Err((t, e)) = r {
+                eprintln!("note: could not delete topic {t}: {e}");
+            }
+        }
+        Ok(())
+    }
+
     fn relay_config(&self, s: &SchemaName) -> RelayConfig {
         let mut c = RelayConfig::new(self.db.clone(), s.clone(), self.brokers.clone());
         c.producer.properties.extend(tuning_properties());

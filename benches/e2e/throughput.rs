@@ -216,6 +216,7 @@ pub(super) async fn throughput(ctx: &mut Ctx) -> Res<f64> {
                 .collect(),
         );
         let mean = sample.iter().map(Vec::len).sum::<usize>() / sample.len().max(1);
+        ctx.forget(&probe, &[&probe_topic]).await?;
         let mut runs = Vec::new();
         let mut cd_guess = 150_000.0f64;
         for run in 0..3 {
@@ -223,10 +224,14 @@ pub(super) async fn throughput(ctx: &mut Ctx) -> Res<f64> {
             let topic = ctx.topic(&format!("cd{size}r{run}"), 4).await?;
             preload(ctx, &s, &topic, rows_for(ctx, cd_guess), size).await?;
             let cd = claim_delete_rate(ctx, &s, 16).await?;
-            let prod = produce_rate(ctx, &ctx.topic(&format!("prod{size}r{run}"), 4).await?, sample.clone()).await?;
+            ctx.forget(&s, &[]).await?;
+            let prod_topic = ctx.topic(&format!("prod{size}r{run}"), 4).await?;
+            let prod = produce_rate(ctx, &prod_topic, sample.clone()).await?;
+            ctx.delete_topics(&[&prod_topic]).await?;
             let s2 = ctx.schema(&format!("relay{size}r{run}"), 16).await?;
             preload(ctx, &s2, &topic, rows_for(ctx, prod.per_s.min(cd.per_s) * 1.1), size).await?;
             let rl = relay_rate(ctx, &s2, 1).await?;
+            ctx.forget(&s2, &[&topic]).await?;
             cd_guess = cd.per_s * 1.2;
             runs.push((cd, prod, rl));
         }
@@ -263,6 +268,7 @@ pub(super) async fn scaling(ctx: &mut Ctx, per_instance_guess: f64) -> Res<()> {
         let topic = ctx.topic(&format!("scale{instances}"), 4).await?;
         preload(ctx, &s, &topic, rows_for(ctx, per_instance_guess * 1.3), 200).await?;
         let r = relay_rate(ctx, &s, instances).await?;
+        ctx.forget(&s, &[&topic]).await?;
         if instances == 1 {
             one = r.per_s;
         }

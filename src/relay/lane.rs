@@ -223,7 +223,12 @@ async fn claim_and_send(
     shared.stats.claim_micros.fetch_add(took.as_micros() as u64, Ordering::Relaxed);
     crate::telemetry::claim_time(took);
     let claimed = match claimed {
-        Ok(rows) => rows,
+        Ok(c) => {
+            if let Some(top) = c.lane_top {
+                shared.signals.raise_lane_bound(lane, top);
+            }
+            c.rows
+        }
         Err(e) => {
             if probing {
                 shared.breaker.release_probe();

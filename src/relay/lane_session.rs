@@ -104,7 +104,7 @@ pub enum LaneDbError {
 }
 
 /// The columns of `claim.sql`, in the order [`LaneSession::claim`] reads them.
-const CLAIM_COLUMNS: [&str; 15] = [
+const CLAIM_COLUMNS: [&str; 16] = [
     "seq",
     "id",
     "topic",
@@ -120,7 +120,19 @@ const CLAIM_COLUMNS: [&str; 15] = [
     "waiting",
     "wait_ms",
     "age_ms",
+    "lane_top",
 ];
+
+/// What one claim read.
+#[derive(Debug, Default)]
+pub struct Claimed {
+    /// The rows, in sequence order.
+    pub rows: Vec<ClaimedRow>,
+    /// For a claim from the lane's start: the lane's highest sequence in the claim's snapshot.
+    /// Every row up to it that is not yet visible committed after that snapshot, so its NOTIFY
+    /// (or the transaction rule of `claim.sql`) covers it, and the lane may claim up to here.
+    pub lane_top: Option<i64>,
+}
 
 /// A lane's session and its prepared statements.
 pub struct LaneSession {
@@ -216,9 +228,10 @@ impl LaneSession {
     /// The lane's pending rows with sequences `from..=to`, in sequence order. Starting at the lane
     /// loop's cursor rather than at the lane's start keeps the index scan clear of the rows
     /// deleted below it, which an old snapshot elsewhere keeps from being cleaned up.
-    pub async fn claim(&self, from: i64, to: i64, limit: i64) -> Result<Vec<ClaimedRow>, LaneDbError> {
+    pub async fn claim(&self, from: i64, to: i64, limit: i64) -> Result<Claimed, LaneDbError> {
         let rows = timed(self.call_timeout, self.client.query(&self.claim, &[&self.lane, &limit, &from, &to])).await?;
-        Ok(rows
+        let lane_top = rows.first().and_then(|r| r.get::<_, Option<i64>>(15));
+        let rows = rows
             .iter()
             .map(|r| {
                 let (headers, malformed) = decode_headers(r.get::<_, serde_json::Value>(5));
@@ -241,7 +254,8 @@ impl LaneSession {
                     age_ms: r.get(14),
                 }
             })
-            .collect())
+            .collect();
+        Ok(Claimed { rows, lane_top })
     }
 
     /// Removes acknowledged rows (or moves them to the archive) in one statement.

@@ -29,6 +29,8 @@ struct Bounds {
     announced: i64,
     /// Per lane, the lowest sequence the lane must claim from next, if lower than its cursor.
     rewinds: Vec<i64>,
+    /// Per lane, a bound of its own: the lane's highest sequence when it last read from its start.
+    floors: Vec<i64>,
 }
 
 /// The sequences one claim covers.
@@ -65,7 +67,11 @@ impl LaneSignals {
             lanes: Arc::new(
                 (0..lanes).map(|_| Lane { wake: watch::channel(0u64).0, cursor: AtomicI64::new(FROM_START) }).collect(),
             ),
-            bounds: Arc::new(Mutex::new(Bounds { announced: FROM_START, rewinds: vec![NONE; lanes as usize] })),
+            bounds: Arc::new(Mutex::new(Bounds {
+                announced: FROM_START,
+                rewinds: vec![NONE; lanes as usize],
+                floors: vec![FROM_START; lanes as usize],
+            })),
         }
     }
 
@@ -86,7 +92,7 @@ impl LaneSignals {
     /// the bound (the sweep's, which raises no bound) is left for a claim whose bound covers it.
     pub(crate) fn claim_range(&self, lane: i16, cursor: i64, full: bool) -> ClaimRange {
         let mut b = self.bounds();
-        let to = b.announced;
+        let to = b.announced.max(b.floors[lane as usize]);
         let slot = &mut b.rewinds[lane as usize];
         let rewind = *slot;
         if full || rewind == FROM_START || cursor == FROM_START {
@@ -98,6 +104,18 @@ impl LaneSignals {
         } else {
             ClaimRange { from: cursor, to }
         }
+    }
+
+    /// After a claim from the lane's start: the lane's highest sequence in that claim's snapshot.
+    /// The lane may claim up to it without a NOTIFY (a relay started on a backlog, rows written
+    /// with triggers disabled): a row of the lane below it that was not visible then committed
+    /// after, and an earlier row of its key committed before it took its number, so before that
+    /// snapshot, and was read from the start. The other lanes' bounds are not raised: they did
+    /// not read from their start.
+    pub(crate) fn raise_lane_bound(&self, lane: i16, top: i64) {
+        let mut b = self.bounds();
+        let floor = &mut b.floors[lane as usize];
+        *floor = (*floor).max(top);
     }
 
     /// Publishes the lane's cursor for the sweep (`FROM_START` when the loop ends).
@@ -230,6 +248,17 @@ mod tests {
         s.announce_payload("1:140:140");
         assert_eq!(s.claim_range(0, 130, false), range(120, 140));
         assert_eq!(s.claim_range(0, 130, false), range(130, 140), "taken once");
+    }
+
+    #[test]
+    fn a_lane_read_from_its_start_claims_up_to_its_top_without_a_notify() {
+        let s = LaneSignals::new(2);
+        s.announce_payload("1:50:60");
+        s.raise_lane_bound(0, 5_000);
+        assert_eq!(s.claim_range(0, 1_001, false), range(1_001, 5_000));
+        assert_eq!(s.claim_range(1, 61, false), range(50, 60), "another lane keeps the announced bound");
+        s.raise_lane_bound(0, 10);
+        assert_eq!(s.claim_range(0, 1_001, false), range(1_001, 5_000), "a bound is never lowered");
     }
 
     #[test]

@@ -2,7 +2,8 @@
 -- with them the rows below the cursor of the same transactions: a transaction's rows become
 -- visible together, so one whose first rows the cursor passed while it was open must go out from
 -- its first row (ARCHITECTURE.md, "The claim cursor"). A full claim ($3 = the lowest bigint) has
--- nothing below it.
+-- nothing below it, and reports the lane's highest sequence in the same snapshot (lane_top): the
+-- lane may claim up to it without waiting for a NOTIFY that announces it.
 WITH head AS (
     SELECT seq, id, topic, key, payload, headers, message_type, content_type, correlation_id, traceparent,
            created_at, attempts, next_attempt_at, xid
@@ -33,6 +34,7 @@ SELECT seq, id, topic, key, payload, headers, message_type, content_type, correl
        created_at, attempts,
        coalesce(next_attempt_at > now(), false) AS waiting,
        greatest(0, floor(extract(epoch FROM next_attempt_at - now()) * 1000))::bigint AS wait_ms,
-       floor(extract(epoch FROM now() - created_at) * 1000)::bigint AS age_ms
+       floor(extract(epoch FROM now() - created_at) * 1000)::bigint AS age_ms,
+       (SELECT max(t.seq) FROM __SCHEMA__.messages t WHERE t.lane = $1 AND $3 = -9223372036854775808) AS lane_top
 FROM claimed
 ORDER BY seq

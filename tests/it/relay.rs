@@ -291,6 +291,37 @@ async fn a_row_committed_after_later_rows_is_still_delivered() {
     assert_eq!(stats.swept.load(Ordering::Relaxed), 0);
 }
 
+/// Rows written while no relay ran have no NOTIFY left to announce them. A lane reads from its
+/// start when it takes over, and that read tells it how far the lane goes: it claims the rest
+/// batch after batch instead of one batch per poll interval.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_started_on_a_backlog_claims_it_batch_after_batch_without_notifies() {
+    let s = TestSchema::new(2).await;
+    let topic = create_topic("relay-backlog", 2).await;
+    let outbox = Outbox::new(s.name.clone());
+    let mut c = connect().await;
+    let tx = c.transaction().await.unwrap();
+    let messages: Vec<OutboxMessage> = (0..5_000)
+        .map(|i| OutboxMessage::builder(topic.as_str()).key(format!("k{}", i % 40)).json(&i).build().unwrap())
+        .collect();
+    let ids = outbox.enqueue_batch(&tx, &messages).await.unwrap();
+    tx.commit().await.unwrap();
+    let committed: Vec<(Uuid, String)> =
+        ids.into_iter().zip(messages.iter().map(|m| m.key().unwrap().to_owned())).collect();
+
+    let mut cfg = config(&s.name);
+    cfg.batch_size = 250;
+    // Without its bound, a lane would claim one batch and then wait this long for a NOTIFY.
+    cfg.poll_interval = Duration::from_secs(600);
+    let relay = InProcess::start(cfg);
+    wait_until_empty(&s, Duration::from_secs(60)).await;
+    let stats = relay.shutdown().await;
+    let received = read_topic(&topic, committed.len(), Duration::from_secs(60));
+    let f = figures(&committed, &received);
+    println!("figures: {f:?}, claims {}", stats.claims.load(Ordering::Relaxed));
+    assert_eq!((f.distinct, f.lost, f.order_violations), (5_000, 0, 0));
+}
+
 /// A transaction whose first row the claim cursor passed while it was open (later rows of other
 /// transactions committed first and were claimed) becomes visible all at once: a claim from the
 /// cursor sees its later row, and must take its first row too, before it, or a key the
@@ -328,7 +359,7 @@ async fn a_claim_from_the_cursor_takes_a_late_transaction_from_its_first_row() {
     tx.commit().await.unwrap();
     // The relay's claim sees the committed rows only; its cursor moves past them, and so past the
     // open transaction's first row.
-    let seen: Vec<Uuid> = session.claim(i64::MIN, i64::MAX, 100).await.unwrap().iter().map(|r| r.id).collect();
+    let seen: Vec<Uuid> = session.claim(i64::MIN, i64::MAX, 100).await.unwrap().rows.iter().map(|r| r.id).collect();
     assert_eq!(seen, others);
     let cursor = seq_of(others[1]).await + 1;
     connect().await.execute(&s.q("DELETE FROM __SCHEMA__.messages WHERE id = ANY($1)"), &[&others]).await.unwrap();
@@ -336,7 +367,7 @@ async fn a_claim_from_the_cursor_takes_a_late_transaction_from_its_first_row() {
     open_tx.commit().await.unwrap();
     assert!(seq_of(first).await < cursor && seq_of(second).await >= cursor);
 
-    let claimed: Vec<Uuid> = session.claim(cursor, i64::MAX, 100).await.unwrap().iter().map(|r| r.id).collect();
+    let claimed: Vec<Uuid> = session.claim(cursor, i64::MAX, 100).await.unwrap().rows.iter().map(|r| r.id).collect();
     assert_eq!(claimed, vec![first, second], "the transaction's rows, from its first, in order");
 }
 
