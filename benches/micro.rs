@@ -29,6 +29,7 @@ fn row() -> ClaimedRow {
         waiting: false,
         wait_ms: 0,
         age_ms: 0,
+        xid: None,
     }
 }
 
@@ -79,7 +80,10 @@ fn claim_sql(c: &mut Criterion) {
         (client, stmt)
     });
     c.bench_function("claim 1000 rows of a lane (200,000 pending)", |b| {
-        b.iter(|| rt.block_on(async { client.query(&stmt, &[&3i16, &1000i64]).await.unwrap().len() }))
+        let none: Vec<i64> = Vec::new();
+        b.iter(|| {
+            rt.block_on(async { client.query(&stmt, &[&3i16, &1000i64, &i64::MIN, &i64::MAX, &none]).await.unwrap().len() })
+        })
     });
     rt.block_on(client.batch_execute("DROP SCHEMA bench_micro_claim CASCADE")).unwrap();
 }

@@ -91,6 +91,7 @@ synchronous_commit = $durable
 full_page_writes = $durable
 track_commit_timestamp = $durable
 max_wal_size = 4GB
+$( [ "${PG_DURABLE:-0}" = 1 ] && echo "shared_preload_libraries = 'pg_stat_statements'" )
 log_min_messages = warning
 CONF
     as_pg_user "$bin/pg_ctl" -D "$pgdir/data" -l "$pgdir/server.log" -w -t 60 start >/dev/null \

@@ -26,9 +26,9 @@ pub(crate) struct RunArgs {
     /// Rows read and produced per batch.
     #[arg(long, env = "OUTBOX_BATCH_SIZE", default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..=100_000))]
     batch_size: u32,
-    /// Rows a lane may have sent and not yet settled: it claims and sends its next rows while
-    /// earlier ones await their acknowledgements, up to this many (memory: rows x payload size x
-    /// lanes).
+    /// Rows a lane may hold between claim and delete: it claims and sends its next rows while
+    /// earlier ones await their acknowledgements or their delete, up to this many (memory: rows x
+    /// payload size x lanes; also what a crash can send twice per lane).
     #[arg(long, env = "OUTBOX_MAX_IN_FLIGHT", default_value_t = 2000, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     max_in_flight: u32,
     /// How often an idle lane checks for rows when no NOTIFY arrived.

@@ -32,6 +32,12 @@ impl<'s> Completions<'s> {
         Self { session, waiting: Vec::new(), running: None, seqs: HashSet::new() }
     }
 
+    /// How many rows are acknowledged and not yet deleted: they count against the lane's
+    /// `--max-in-flight` with the window, so what a crash can send twice stays bounded.
+    pub(super) fn rows(&self) -> usize {
+        self.seqs.len()
+    }
+
     /// The rows acknowledged and still on their way out (a claim must not take them again).
     pub(super) fn held(&self) -> &HashSet<i64> {
         &self.seqs

@@ -23,8 +23,9 @@ pub struct RelayConfig {
     pub producer: ProducerSettings,
     /// Rows read and produced per batch.
     pub batch_size: usize,
-    /// Rows a lane may have handed to the producer and not yet settled: it claims and sends its
-    /// next rows while earlier ones await their acknowledgements, up to this many.
+    /// Rows a lane may hold between claim and delete (sent and awaiting acknowledgements, or
+    /// acknowledged and not yet deleted): it claims and sends its next rows while earlier ones are
+    /// out, up to this many. It also bounds what a crash of the instance can send twice per lane.
     pub max_in_flight: usize,
     /// How often an idle lane looks for rows when no NOTIFY woke it.
     pub poll_interval: Duration,

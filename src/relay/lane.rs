@@ -48,7 +48,13 @@ struct LaneState {
     /// After a failure the lane sends one row at a time, with nothing else in flight, until one
     /// gets through: a flaky broker is not sent whole windows that will be purged and sent again.
     cautious: bool,
+    /// The latest transactions the lane looked below its cursor for (`claim.sql`): all their
+    /// rows below were taken then, so a large transaction spanning many claims is looked for once.
+    looked_below: std::collections::VecDeque<i64>,
 }
+
+/// How many transactions a lane remembers having looked below its cursor for.
+const LOOKED_BELOW: usize = 32;
 
 pub(crate) async fn run_lane(
     shared: Arc<Shared>,
@@ -65,6 +71,7 @@ pub(crate) async fn run_lane(
         retry_at: None,
         breaker_until: None,
         cautious: false,
+        looked_below: std::collections::VecDeque::with_capacity(LOOKED_BELOW),
     };
     let _published = CursorGuard { shared: &shared, lane };
     let mut breaker_changes = shared.breaker.subscribe();
@@ -104,7 +111,8 @@ pub(crate) async fn run_lane(
             };
         }
 
-        let room = window.rows() < max_in_flight && !window.troubled() && (!st.cautious || window.is_empty());
+        let held = window.rows() + completions.rows();
+        let room = held < max_in_flight && !window.troubled() && (!st.cautious || window.is_empty());
         if !stopping && room && st.more && st.retry_at.is_none() && st.breaker_until.is_none() {
             // With records in flight the lane goes on only while the breaker is closed; a probe
             // or a wait is for a lane with nothing in flight.
@@ -125,7 +133,7 @@ pub(crate) async fn run_lane(
                     let limit = if probing || st.cautious {
                         1
                     } else {
-                        shared.config.batch_size.min(max_in_flight - window.rows())
+                        shared.config.batch_size.min(max_in_flight - held)
                     };
                     wake.borrow_and_update();
                     if let Err(exit) = claim_and_send(
@@ -218,7 +226,7 @@ async fn claim_and_send(
     let ask = if below { limit + window.rows() } else { limit };
     shared.stats.claims.fetch_add(1, Ordering::Relaxed);
     let claim_started = std::time::Instant::now();
-    let claimed = session.claim(range.from, range.to, ask as i64).await;
+    let claimed = session.claim(range.from, range.to, ask as i64, st.looked_below.make_contiguous()).await;
     let took = claim_started.elapsed();
     shared.stats.claim_micros.fetch_add(took.as_micros() as u64, Ordering::Relaxed);
     crate::telemetry::claim_time(took);
@@ -240,6 +248,7 @@ async fn claim_and_send(
     // of the same transactions; rows below the cursor may be in the window already.
     let full = claimed.iter().filter(|r| r.seq >= range.from).count() >= ask;
     let last_read = claimed.last().map(|r| r.seq);
+    note_looked_below(&mut st.looked_below, &claimed, range.from, ask);
     let mut rows = claimed;
     if !(window.is_empty() && deleting.is_empty()) && rows.first().is_some_and(|r| r.seq < st.cursor) {
         let in_window: HashSet<i64> = window.seqs().collect();
@@ -278,6 +287,24 @@ async fn claim_and_send(
     let breaker_was_closed = !probing && shared.breaker.state() == BreakerState::Closed;
     window.send(shared, rows, probing, breaker_was_closed).await;
     Ok(())
+}
+
+/// Remembers the transactions this claim looked below its start for, unless the look may have
+/// stopped at its limit.
+fn note_looked_below(looked: &mut std::collections::VecDeque<i64>, claimed: &[ClaimedRow], from: i64, ask: usize) {
+    let mut below: std::collections::HashMap<i64, usize> = std::collections::HashMap::new();
+    for r in claimed.iter().filter(|r| r.seq < from) {
+        *below.entry(r.xid.unwrap_or_default()).or_default() += 1;
+    }
+    for xid in claimed.iter().filter(|r| r.seq >= from).filter_map(|r| r.xid) {
+        if below.get(&xid).copied().unwrap_or(0) >= ask || looked.contains(&xid) {
+            continue;
+        }
+        if looked.len() == LOOKED_BELOW {
+            looked.pop_front();
+        }
+        looked.push_back(xid);
+    }
 }
 
 /// A batch whose every row was acknowledged: a success for the breaker, and rows to delete.

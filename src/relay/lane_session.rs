@@ -45,6 +45,8 @@ pub struct ClaimedRow {
     pub wait_ms: i64,
     /// How old the row is, in milliseconds.
     pub age_ms: i64,
+    /// The transaction that wrote it (none for rows written before migration 9).
+    pub xid: Option<i64>,
 }
 
 /// Where the broker put an acknowledged row.
@@ -104,7 +106,7 @@ pub enum LaneDbError {
 }
 
 /// The columns of `claim.sql`, in the order [`LaneSession::claim`] reads them.
-const CLAIM_COLUMNS: [&str; 16] = [
+const CLAIM_COLUMNS: [&str; 17] = [
     "seq",
     "id",
     "topic",
@@ -121,6 +123,7 @@ const CLAIM_COLUMNS: [&str; 16] = [
     "wait_ms",
     "age_ms",
     "lane_top",
+    "xid",
 ];
 
 /// What one claim read.
@@ -225,11 +228,17 @@ impl LaneSession {
         &self.closed
     }
 
-    /// The lane's pending rows with sequences `from..=to`, in sequence order. Starting at the lane
-    /// loop's cursor rather than at the lane's start keeps the index scan clear of the rows
-    /// deleted below it, which an old snapshot elsewhere keeps from being cleaned up.
-    pub async fn claim(&self, from: i64, to: i64, limit: i64) -> Result<Claimed, LaneDbError> {
-        let rows = timed(self.call_timeout, self.client.query(&self.claim, &[&self.lane, &limit, &from, &to])).await?;
+    /// The lane's pending rows with sequences `from..=to`, in sequence order, and below `from` the
+    /// rows of the same transactions, except for the transactions in `looked_below` (the lane looked
+    /// below for them already). Starting at the lane loop's cursor rather than at the lane's start
+    /// keeps the index scan clear of the rows deleted below it, which an old snapshot elsewhere
+    /// keeps from being cleaned up.
+    pub async fn claim(&self, from: i64, to: i64, limit: i64, looked_below: &[i64]) -> Result<Claimed, LaneDbError> {
+        let rows = timed(
+            self.call_timeout,
+            self.client.query(&self.claim, &[&self.lane, &limit, &from, &to, &looked_below]),
+        )
+        .await?;
         let lane_top = rows.first().and_then(|r| r.get::<_, Option<i64>>(15));
         let rows = rows
             .iter()
@@ -252,6 +261,7 @@ impl LaneSession {
                     waiting: r.get(12),
                     wait_ms: r.get(13),
                     age_ms: r.get(14),
+                    xid: r.get(16),
                 }
             })
             .collect();
