@@ -17,7 +17,7 @@ fn row() -> ClaimedRow {
         id: Uuid::now_v7(),
         topic: "orders.created".into(),
         key: Some("customer-42".into()),
-        payload: Some(vec![b'x'; 200]),
+        payload: Some(vec![b'x'; 200]).into(),
         headers: vec![("x-tenant".into(), "acme".into())],
         malformed: None,
         message_type: Some("com.example.order.created".into()),
@@ -82,7 +82,9 @@ fn claim_sql(c: &mut Criterion) {
     c.bench_function("claim 1000 rows of a lane (200,000 pending)", |b| {
         let none: Vec<i64> = Vec::new();
         b.iter(|| {
-            rt.block_on(async { client.query(&stmt, &[&3i16, &1000i64, &i64::MIN, &i64::MAX, &none]).await.unwrap().len() })
+            rt.block_on(async {
+                client.query(&stmt, &[&3i16, &1000i64, &i64::MIN, &i64::MAX, &none]).await.unwrap().len()
+            })
         })
     });
     rt.block_on(client.batch_execute("DROP SCHEMA bench_micro_claim CASCADE")).unwrap();

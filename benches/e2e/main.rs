@@ -346,7 +346,10 @@ fn median_of_3<T>(mut runs: Vec<T>, key: impl Fn(&T) -> f64) -> (T, f64, f64) {
 async fn main() -> Res<()> {
     // BENCH_LOG=info (or any filter) shows the relay's own log lines.
     if let Ok(filter) = std::env::var("BENCH_LOG") {
-        tracing_subscriber::fmt().with_env_filter(tracing_subscriber::EnvFilter::new(filter)).with_writer(std::io::stderr).init();
+        tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+            .with_writer(std::io::stderr)
+            .init();
     }
     let short = std::env::args().any(|a| a == "--short");
     // --only N[,N]: run only these sections (tuning runs).

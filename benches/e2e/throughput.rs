@@ -163,7 +163,7 @@ pub(super) fn bench_row(topic: &str) -> ClaimedRow {
         id: Uuid::now_v7(),
         topic: topic.to_owned(),
         key: None,
-        payload: None,
+        payload: None.into(),
         headers: Vec::new(),
         malformed: None,
         message_type: None,

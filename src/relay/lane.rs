@@ -130,11 +130,8 @@ pub(crate) async fn run_lane(
                 Permit::Wait(_) => {}
                 Permit::Go | Permit::Probe => {
                     let probing = permit == Permit::Probe;
-                    let limit = if probing || st.cautious {
-                        1
-                    } else {
-                        shared.config.batch_size.min(max_in_flight - held)
-                    };
+                    let limit =
+                        if probing || st.cautious { 1 } else { shared.config.batch_size.min(max_in_flight - held) };
                     wake.borrow_and_update();
                     if let Err(exit) = claim_and_send(
                         &shared,

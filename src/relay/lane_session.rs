@@ -21,8 +21,8 @@ pub struct ClaimedRow {
     pub topic: String,
     /// Kafka key.
     pub key: Option<String>,
-    /// Payload.
-    pub payload: Option<Vec<u8>>,
+    /// Payload (none: a tombstone).
+    pub payload: Payload,
     /// The writer's headers.
     pub headers: Vec<(String, String)>,
     /// Why the row cannot be sent as written (bad headers JSON from raw SQL), if so.
@@ -47,6 +47,48 @@ pub struct ClaimedRow {
     pub age_ms: i64,
     /// The transaction that wrote it (none for rows written before migration 9).
     pub xid: Option<i64>,
+}
+
+/// A row's payload, read in place from the database's reply: it is copied once, into the
+/// producer's buffer, not first into a buffer of its own. Its `Debug` shows the size only, so a
+/// row printed by mistake does not put a payload in a log line.
+#[derive(Clone)]
+pub struct Payload(PayloadSource);
+
+#[derive(Clone)]
+enum PayloadSource {
+    /// Column `column` of row `index` of a claim's reply (shared by the claim's rows).
+    Reply {
+        rows: std::sync::Arc<[tokio_postgres::Row]>,
+        index: usize,
+        column: usize,
+    },
+    Owned(Option<Vec<u8>>),
+}
+
+impl Payload {
+    /// The bytes (none for a tombstone).
+    pub fn as_deref(&self) -> Option<&[u8]> {
+        match &self.0 {
+            PayloadSource::Reply { rows, index, column } => rows[*index].get(*column),
+            PayloadSource::Owned(p) => p.as_deref(),
+        }
+    }
+}
+
+impl From<Option<Vec<u8>>> for Payload {
+    fn from(p: Option<Vec<u8>>) -> Self {
+        Payload(PayloadSource::Owned(p))
+    }
+}
+
+impl std::fmt::Debug for Payload {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.as_deref() {
+            Some(p) => write!(f, "Payload({} bytes)", p.len()),
+            None => f.write_str("Payload(none)"),
+        }
+    }
 }
 
 /// Where the broker put an acknowledged row.
@@ -234,22 +276,22 @@ impl LaneSession {
     /// keeps the index scan clear of the rows deleted below it, which an old snapshot elsewhere
     /// keeps from being cleaned up.
     pub async fn claim(&self, from: i64, to: i64, limit: i64, looked_below: &[i64]) -> Result<Claimed, LaneDbError> {
-        let rows = timed(
-            self.call_timeout,
-            self.client.query(&self.claim, &[&self.lane, &limit, &from, &to, &looked_below]),
-        )
-        .await?;
+        let rows =
+            timed(self.call_timeout, self.client.query(&self.claim, &[&self.lane, &limit, &from, &to, &looked_below]))
+                .await?;
         let lane_top = rows.first().and_then(|r| r.get::<_, Option<i64>>(15));
-        let rows = rows
+        let reply: std::sync::Arc<[tokio_postgres::Row]> = rows.into();
+        let rows = reply
             .iter()
-            .map(|r| {
+            .enumerate()
+            .map(|(index, r)| {
                 let (headers, malformed) = decode_headers(r.get::<_, serde_json::Value>(5));
                 ClaimedRow {
                     seq: r.get(0),
                     id: r.get(1),
                     topic: r.get(2),
                     key: r.get(3),
-                    payload: r.get(4),
+                    payload: Payload(PayloadSource::Reply { rows: reply.clone(), index, column: 4 }),
                     headers,
                     malformed,
                     message_type: r.get(6),

@@ -359,7 +359,8 @@ async fn a_claim_from_the_cursor_takes_a_late_transaction_from_its_first_row() {
     tx.commit().await.unwrap();
     // The relay's claim sees the committed rows only; its cursor moves past them, and so past the
     // open transaction's first row.
-    let seen: Vec<Uuid> = session.claim(i64::MIN, i64::MAX, 100, &[]).await.unwrap().rows.iter().map(|r| r.id).collect();
+    let seen: Vec<Uuid> =
+        session.claim(i64::MIN, i64::MAX, 100, &[]).await.unwrap().rows.iter().map(|r| r.id).collect();
     assert_eq!(seen, others);
     let cursor = seq_of(others[1]).await + 1;
     connect().await.execute(&s.q("DELETE FROM __SCHEMA__.messages WHERE id = ANY($1)"), &[&others]).await.unwrap();
@@ -367,7 +368,8 @@ async fn a_claim_from_the_cursor_takes_a_late_transaction_from_its_first_row() {
     open_tx.commit().await.unwrap();
     assert!(seq_of(first).await < cursor && seq_of(second).await >= cursor);
 
-    let claimed: Vec<Uuid> = session.claim(cursor, i64::MAX, 100, &[]).await.unwrap().rows.iter().map(|r| r.id).collect();
+    let claimed: Vec<Uuid> =
+        session.claim(cursor, i64::MAX, 100, &[]).await.unwrap().rows.iter().map(|r| r.id).collect();
     assert_eq!(claimed, vec![first, second], "the transaction's rows, from its first, in order");
 }
 
