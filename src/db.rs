@@ -55,6 +55,12 @@ pub enum ConnectError {
     /// Setting up the session took too long.
     #[error("setting up the PostgreSQL session took longer than {0:?} (is the server or the network stuck?)")]
     Timeout(Duration),
+    /// Every session of a pool was in use for the pool's whole wait timeout.
+    #[error("all {0} sessions of the pool stayed busy for the whole wait (raise the pool size, or look for slow handlers or a stuck database)")]
+    PoolExhausted(usize),
+    /// The pool refused for another reason.
+    #[error("the session pool failed: {0}")]
+    Pool(String),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

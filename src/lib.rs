@@ -6,6 +6,7 @@
 //! - [`schema`]: the schema name, the numbered migrations under `schema/`, and `migrate`.
 //! - [`outbox`]: the writer API; enqueue messages inside the caller's own transaction.
 //! - [`db`]: PostgreSQL connections with timeouts and server-verifying TLS.
+//! - [`pool`] (feature `consumer`): a pool of those sessions, for the consumer's partition workers.
 //! - [`classify`]: every error, classified once where it enters: retry or not.
 //! - [`retry`]: capped exponential backoff with full jitter.
 //! - [`telemetry`]: every metric, defined once (name, unit, help, labels).
@@ -44,6 +45,8 @@ pub mod inbox;
 #[cfg(feature = "relay")]
 pub mod ops;
 pub mod outbox;
+#[cfg(feature = "consumer")]
+pub mod pool;
 #[cfg(feature = "relay")]
 pub mod relay;
 pub mod retry;

@@ -1,11 +1,14 @@
 //! The consumer runner's configuration, statistics and errors.
 
 use std::sync::atomic::AtomicU64;
+#[cfg(feature = "testing")]
 use std::sync::Arc;
 use std::time::Duration;
 
+#[cfg(feature = "testing")]
 use super::ConsumedMessage;
 use crate::db::DbConfig;
+use crate::pool::PoolSettings;
 use crate::retry::Backoff;
 use crate::schema::SchemaName;
 
@@ -18,11 +21,13 @@ pub enum PoisonPolicy {
     Stop,
 }
 
-/// Test-only fault injection: crash right after the database commit, before the offset is stored.
-#[doc(hidden)]
+/// Fault injection (feature `testing`): crash right after the database commit, before the offset
+/// is stored, when the function says so.
+#[cfg(feature = "testing")]
 #[derive(Clone)]
 pub struct CrashAfterCommit(pub Arc<dyn Fn(&ConsumedMessage) -> bool + Send + Sync>);
 
+#[cfg(feature = "testing")]
 impl std::fmt::Debug for CrashAfterCommit {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("CrashAfterCommit")
@@ -62,7 +67,12 @@ pub struct ConsumerConfig {
     pub purge_interval: Duration,
     /// How long a graceful shutdown may take.
     pub shutdown_timeout: Duration,
-    #[doc(hidden)]
+    /// The sessions the partition workers share (each takes one for a batch and gives it back):
+    /// at most 16 by default, however many partitions the runner is assigned; a worker waits up
+    /// to `wait_timeout` for one, then backs off and retries like any unavailable database.
+    pub pool: PoolSettings,
+    /// Fault injection for tests and the soak (feature `testing`).
+    #[cfg(feature = "testing")]
     pub crash_after_commit: Option<CrashAfterCommit>,
 }
 
@@ -92,6 +102,8 @@ impl ConsumerConfig {
             retention: Duration::from_secs(7 * 24 * 3600),
             purge_interval: Duration::from_secs(3600),
             shutdown_timeout: Duration::from_secs(30),
+            pool: PoolSettings { max_size: 16, wait_timeout: Duration::from_secs(30) },
+            #[cfg(feature = "testing")]
             crash_after_commit: None,
         }
     }
@@ -150,7 +162,8 @@ pub enum ConsumerError {
         /// Refusals in a row.
         attempts: u32,
     },
-    /// The test fault injector fired.
+    /// The test fault injector fired (feature `testing`).
+    #[doc(hidden)]
     #[error("crash injected after the database commit")]
     InjectedCrash,
 }

@@ -40,12 +40,15 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::inbox::Inbox;
+use crate::pool::Pool;
 
 mod config;
 mod handler;
 mod partition;
 
-pub use config::{ConsumerConfig, ConsumerError, ConsumerStats, CrashAfterCommit, PoisonPolicy};
+#[cfg(feature = "testing")]
+pub use config::CrashAfterCommit;
+pub use config::{ConsumerConfig, ConsumerError, ConsumerStats, PoisonPolicy};
 pub use handler::{ConsumedMessage, Handler, HandlerError, HandlerFuture};
 use partition::{partition_worker, purge_loop};
 
@@ -100,6 +103,8 @@ struct Shared<H> {
     abort: CancellationToken,
     failure: std::sync::Mutex<Option<ConsumerError>>,
     dead_letter_sql: String,
+    /// The sessions the partition workers and the purge share.
+    pool: Pool,
 }
 
 struct Worker {
@@ -159,6 +164,7 @@ pub async fn run<H: Handler>(
     let abort = CancellationToken::new();
     let shared = Arc::new(Shared {
         dead_letter_sql: config.schema.qualify(include_str!("../sql/inbox_dead_letter.sql")),
+        pool: Pool::new(config.db.clone(), config.pool),
         config,
         inbox,
         handler,

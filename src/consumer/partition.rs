@@ -12,8 +12,8 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use super::{ConsumedMessage, ConsumedOrBad, ConsumerError, Handler, PoisonPolicy, Shared};
-use crate::db::DbConfig;
 use crate::inbox::{InboxMessage, InboxOutcome};
+use crate::pool::{self, Pool, Pooled};
 
 pub(super) async fn partition_worker<H: Handler>(
     shared: Arc<Shared<H>>,
@@ -21,7 +21,7 @@ pub(super) async fn partition_worker<H: Handler>(
     depth: Arc<std::sync::atomic::AtomicUsize>,
     revoked: CancellationToken,
 ) {
-    let mut db: Option<Client> = None;
+    let mut db: Option<Pooled> = None;
     while let Some(first) = rx.recv().await {
         if shared.abort.is_cancelled() || revoked.is_cancelled() {
             return;
@@ -37,7 +37,10 @@ pub(super) async fn partition_worker<H: Handler>(
         let last = match batch.last().expect("one at least") {
             ConsumedOrBad::Ok(m) | ConsumedOrBad::NoId(m, _) => (m.topic.clone(), m.partition, m.offset),
         };
-        if process(&shared, &mut db, batch).await == Next::Stop {
+        let next = process(&shared, &mut db, batch).await;
+        // Give the session back between batches: the partitions share the pool's sessions.
+        db = None;
+        if next == Next::Stop {
             return;
         }
         depth.fetch_sub(taken, Ordering::Relaxed);
@@ -64,7 +67,7 @@ enum Next {
 }
 
 /// Processes a batch (in order).
-async fn process<H: Handler>(shared: &Shared<H>, db: &mut Option<Client>, batch: Vec<ConsumedOrBad>) -> Next {
+async fn process<H: Handler>(shared: &Shared<H>, db: &mut Option<Pooled>, batch: Vec<ConsumedOrBad>) -> Next {
     let mut good = Vec::with_capacity(batch.len());
     for m in batch {
         match m {
@@ -96,7 +99,9 @@ async fn process<H: Handler>(shared: &Shared<H>, db: &mut Option<Client>, batch:
     Next::Continue
 }
 
-/// The test hook: stops the runner right after a commit, before the offset is stored.
+/// The test hook (feature `testing`): stops the runner right after a commit, before the offset is
+/// stored.
+#[cfg(feature = "testing")]
 fn fire_crash<H>(shared: &Shared<H>, m: &ConsumedMessage) -> Next {
     if let Some(f) = &shared.config.crash_after_commit {
         if (f.0)(m) {
@@ -108,11 +113,24 @@ fn fire_crash<H>(shared: &Shared<H>, m: &ConsumedMessage) -> Next {
     Next::Continue
 }
 
-pub(super) async fn session<'a>(shared_db: &DbConfig, db: &'a mut Option<Client>) -> Result<&'a mut Client, String> {
-    if db.as_ref().is_none_or(Client::is_closed) {
-        *db = Some(shared_db.connect().await.map_err(|e| e.to_string())?);
+#[cfg(not(feature = "testing"))]
+fn fire_crash<H>(_: &Shared<H>, _: &ConsumedMessage) -> Next {
+    Next::Continue
+}
+
+/// The worker's session for this step: the one it holds, or one from the pool.
+pub(super) async fn session<'a>(pool: &Pool, db: &'a mut Option<Pooled>) -> Result<&'a mut Client, String> {
+    if db.as_ref().is_none_or(|c| c.is_closed()) {
+        *db = Some(pool.get().await.map_err(|e| e.to_string())?);
     }
-    Ok(db.as_mut().expect("just set"))
+    Ok(&mut **db.as_mut().expect("just set"))
+}
+
+/// After an error that may have left the session unusable: close it rather than give it back.
+fn drop_session(db: &mut Option<Pooled>) {
+    if let Some(s) = db.take() {
+        pool::discard(s);
+    }
 }
 
 fn inbox_message(m: &ConsumedMessage) -> InboxMessage<'_> {
@@ -122,10 +140,10 @@ fn inbox_message(m: &ConsumedMessage) -> InboxMessage<'_> {
 /// One transaction, one dedup statement for the whole batch; any handler error rolls it all back.
 async fn apply_batch<H: Handler>(
     shared: &Shared<H>,
-    db: &mut Option<Client>,
+    db: &mut Option<Pooled>,
     msgs: &[ConsumedMessage],
 ) -> Result<(), String> {
-    let client = session(&shared.config.db, db).await?;
+    let client = session(&shared.pool, db).await?;
     let tx = client.transaction().await.map_err(|e| e.to_string())?;
     let inbox_msgs: Vec<InboxMessage<'_>> = msgs.iter().map(inbox_message).collect();
     let outcomes = shared.inbox.record_batch(&tx, &inbox_msgs).await.map_err(|e| e.to_string())?;
@@ -151,7 +169,7 @@ async fn apply_batch<H: Handler>(
 }
 
 /// One message: dedup, handler, commit; handler errors retried in place, then poison.
-async fn apply_one<H: Handler>(shared: &Shared<H>, db: &mut Option<Client>, m: &ConsumedMessage) -> Next {
+async fn apply_one<H: Handler>(shared: &Shared<H>, db: &mut Option<Pooled>, m: &ConsumedMessage) -> Next {
     let mut attempt = 0u32;
     let mut db_failures = 0u32;
     loop {
@@ -159,7 +177,7 @@ async fn apply_one<H: Handler>(shared: &Shared<H>, db: &mut Option<Client>, m: &
             return Next::Stop;
         }
         let result = async {
-            let client = session(&shared.config.db, db).await.map_err(Step::Unavailable)?;
+            let client = session(&shared.pool, db).await.map_err(Step::Unavailable)?;
             let tx = client.transaction().await.map_err(Step::db)?;
             let outcome = shared.inbox.record(&tx, &inbox_message(m)).await.map_err(|e| Step::db(e.0))?;
             match outcome {
@@ -237,7 +255,7 @@ async fn apply_one<H: Handler>(shared: &Shared<H>, db: &mut Option<Client>, m: &
             Err(Step::Unavailable(error) | Step::Refused { error, .. }) => {
                 // The database, not the message: back off and try again, without counting it
                 // against the message.
-                *db = None;
+                drop_session(db);
                 db_failures += 1;
                 let delay = shared.config.backoff.delay(db_failures.min(10));
                 tracing::warn!(message_id = %m.id, error = %error, retry_in_ms = delay.as_millis() as u64,
@@ -278,7 +296,7 @@ impl Step {
 
 async fn poison<H: Handler>(
     shared: &Shared<H>,
-    db: &mut Option<Client>,
+    db: &mut Option<Pooled>,
     m: &ConsumedMessage,
     error: &str,
     attempts: u32,
@@ -317,7 +335,7 @@ async fn poison<H: Handler>(
 /// is permanent, which stops the runner with an error saying so.
 async fn dead_letter<H: Handler>(
     shared: &Shared<H>,
-    db: &mut Option<Client>,
+    db: &mut Option<Pooled>,
     m: &ConsumedMessage,
     id: Option<Uuid>,
     reason: &str,
@@ -339,7 +357,7 @@ async fn dead_letter<H: Handler>(
     let mut failures = 0u32;
     loop {
         let written: Result<u64, (bool, String)> = async {
-            let client = session(&shared.config.db, db).await.map_err(|e| (false, e))?;
+            let client = session(&shared.pool, db).await.map_err(|e| (false, e))?;
             client
                 .execute(
                     &shared.dead_letter_sql,
@@ -383,7 +401,7 @@ async fn dead_letter<H: Handler>(
                 if shared.abort.is_cancelled() {
                     return Next::Stop;
                 }
-                *db = None;
+                drop_session(db);
                 failures += 1;
                 let delay = shared.config.backoff.delay(failures.min(10));
                 tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "could not write an inbox dead letter; retrying");
@@ -396,7 +414,7 @@ async fn dead_letter<H: Handler>(
 pub(super) async fn purge_loop<H: Handler>(shared: Arc<Shared<H>>, shutdown: CancellationToken) {
     loop {
         let mut db = None;
-        if let Ok(client) = session(&shared.config.db, &mut db).await {
+        if let Ok(client) = session(&shared.pool, &mut db).await {
             match shared.inbox.purge(&*client, shared.config.retention, 10_000).await {
                 Ok(n) => {
                     shared.stats.purged.fetch_add(n, Ordering::Relaxed);

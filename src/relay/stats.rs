@@ -38,11 +38,14 @@ pub struct RelayStats {
     pub acks_without_offset: AtomicU64,
     /// Producer generations retired (a batch deadline passed, or the producer failed for good).
     pub producer_generations: AtomicU64,
-    /// The latest retry delays chosen, as (attempt, delay), newest last; at most 1,000.
+    /// The latest retry delays chosen, as (attempt, delay), newest last; at most 1,000 (feature
+    /// `testing`: the tests check the jitter with them).
+    #[cfg(feature = "testing")]
     pub retry_delays: std::sync::Mutex<std::collections::VecDeque<(u32, Duration)>>,
 }
 
 impl RelayStats {
+    #[cfg(feature = "testing")]
     pub(crate) fn note_retry(&self, attempt: u32, delay: Duration) {
         let mut d = self.retry_delays.lock().expect("stats lock");
         if d.len() == 1000 {
@@ -50,4 +53,7 @@ impl RelayStats {
         }
         d.push_back((attempt, delay));
     }
+
+    #[cfg(not(feature = "testing"))]
+    pub(crate) fn note_retry(&self, _: u32, _: Duration) {}
 }

@@ -691,3 +691,38 @@ async fn an_inbox_the_database_keeps_refusing_stops_the_runner_and_says_what_to_
     assert_eq!(applied_first, 0);
     assert_eq!((applied, distinct), (3, 3), "each message applied once after the fix");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partition_workers_share_a_bounded_pool_of_sessions() {
+    let s = TestSchema::new(2).await;
+    let table = effects_table(&s).await;
+    let topic = create_topic("inbox-pool", 8).await;
+    let msgs = messages(4_000);
+    produce(&topic, &msgs).await;
+    let app = unique_name("pooltest");
+    let mut cfg = config(&s, &topic, &unique_name("g"), "pooled");
+    cfg.db = cfg.db.with_application_name(&app);
+    cfg.pool.max_size = 2;
+    let running = start(cfg, &table);
+    // Sample the runner's sessions while its eight partition workers apply the messages.
+    let watcher = connect().await;
+    let mut most = 0i64;
+    let started = Instant::now();
+    while running.seen() < 4_000 {
+        assert!(started.elapsed() < Duration::from_secs(180), "consumer saw {} of 4000", running.seen());
+        assert!(!running.task.is_finished(), "consumer stopped early");
+        let open =
+            count(&watcher, &format!("SELECT count(*) FROM pg_stat_activity WHERE application_name = '{app}'")).await;
+        most = most.max(open);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let stats = running.stop().await;
+    println!(
+        "figures: 8 partitions, pool of 2: most sessions seen {most}, processed {}, effects {:?}",
+        stats.processed.load(Ordering::Relaxed),
+        effect_figures(&s, "pooled").await
+    );
+    assert_eq!(effect_figures(&s, "pooled").await, (4_000, 4_000), "every effect applied once");
+    assert!(most >= 1, "the sampler saw the runner's sessions");
+    assert!(most <= 2, "at most the pool's size of sessions open at once, saw {most}");
+}
