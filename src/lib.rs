@@ -17,7 +17,8 @@
 //! - [`inbox`] (feature `inbox`): exactly-once effects; record a message id with the effect.
 //! - [`consumer`] (feature `consumer`): a consumer runner around rdkafka using the inbox.
 //! - [`relay`] (feature `relay`): the daemon. Its module docs list one file per concern; the lane
-//!   loop, where a row is claimed, produced and deleted, is `relay/lane.rs`.
+//!   loop, where a row is claimed and produced, is `relay/lane.rs`; what its outcome means (delete,
+//!   retry, dead-letter) is `relay/settle.rs`.
 //!
 //! # Guarantees
 //!

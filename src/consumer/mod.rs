@@ -4,12 +4,13 @@
 //! transaction (only if the id is new), commit, and only then store the offset
 //! (`enable.auto.offset.store=false`; stored offsets are committed in the background and on
 //! shutdown). A crash anywhere before the offset is stored redelivers the message, and the inbox
-//! turns the redelivery into a duplicate. Partitions run in parallel, each in order, on a database
-//! session of its own.
+//! turns the redelivery into a duplicate. Partitions run in parallel, each in order, on sessions
+//! from a shared pool.
 //!
 //! This module is the poll loop (assignments, revocations, pausing a partition whose worker falls
 //! behind); `handler.rs` is what an application implements, `config.rs` the settings, statistics
-//! and errors, `partition.rs` a partition's worker (apply, store the offset, dead-letter).
+//! and errors, `partition.rs` a partition's worker (apply, then store the offset), `dead_letter.rs`
+//! what is recorded for a message that cannot be applied.
 //!
 //! ```no_run
 //! use outbox_relay::consumer::{self, ConsumedMessage, ConsumerConfig, Handler, HandlerFuture};
@@ -43,6 +44,7 @@ use crate::inbox::Inbox;
 use crate::pool::Pool;
 
 mod config;
+mod dead_letter;
 mod handler;
 mod partition;
 

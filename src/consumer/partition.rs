@@ -9,9 +9,9 @@ use rdkafka::consumer::Consumer;
 use tokio::sync::mpsc;
 use tokio_postgres::Client;
 use tokio_util::sync::CancellationToken;
-use uuid::Uuid;
 
-use super::{ConsumedMessage, ConsumedOrBad, ConsumerError, Handler, PoisonPolicy, Shared};
+use super::dead_letter::{dead_letter, poison};
+use super::{ConsumedMessage, ConsumedOrBad, ConsumerError, Handler, Shared};
 use crate::inbox::{InboxMessage, InboxOutcome};
 use crate::pool::{self, Pool, Pooled};
 
@@ -57,7 +57,7 @@ pub(super) async fn partition_worker<H: Handler>(
 /// was neither applied nor recorded).
 #[must_use]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Next {
+pub(super) enum Next {
     /// The message is done with (applied, a duplicate, or recorded as a dead letter): its offset
     /// may be stored.
     Continue,
@@ -127,7 +127,7 @@ pub(super) async fn session<'a>(pool: &Pool, db: &'a mut Option<Pooled>) -> Resu
 }
 
 /// After an error that may have left the session unusable: close it rather than give it back.
-fn drop_session(db: &mut Option<Pooled>) {
+pub(super) fn drop_session(db: &mut Option<Pooled>) {
     if let Some(s) = db.take() {
         pool::discard(s);
     }
@@ -290,123 +290,6 @@ impl Step {
                 Step::Refused { class: c.class, error: crate::classify::describe_postgres(&e) }
             }
             _ => Step::Unavailable(format!("{}: {}", c.class, crate::classify::describe_postgres(&e))),
-        }
-    }
-}
-
-async fn poison<H: Handler>(
-    shared: &Shared<H>,
-    db: &mut Option<Pooled>,
-    m: &ConsumedMessage,
-    error: &str,
-    attempts: u32,
-) -> Next {
-    match shared.config.poison_policy {
-        PoisonPolicy::DeadLetter => {
-            tracing::error!(message_id = %m.id, topic = %m.topic, partition = m.partition, offset = m.offset, attempts,
-                error = %error, "poison message dead-lettered; the partition goes on");
-            dead_letter(
-                shared,
-                db,
-                m,
-                Some(m.id),
-                crate::classify::inbox_reason::HANDLER_FAILED,
-                error,
-                attempts as i32,
-            )
-            .await
-        }
-        PoisonPolicy::Stop => {
-            *shared.failure.lock().expect("lock") = Some(ConsumerError::Poison {
-                id: m.id.to_string(),
-                topic: m.topic.clone(),
-                partition: m.partition,
-                offset: m.offset,
-                error: error.to_owned(),
-            });
-            shared.abort.cancel();
-            Next::Stop
-        }
-    }
-}
-
-/// Writes an inbox dead letter; retries with backoff while the failure is transient. Returns
-/// [`Next::Stop`] (and the message is not acknowledged) when the runner is stopping or the failure
-/// is permanent, which stops the runner with an error saying so.
-async fn dead_letter<H: Handler>(
-    shared: &Shared<H>,
-    db: &mut Option<Pooled>,
-    m: &ConsumedMessage,
-    id: Option<Uuid>,
-    reason: &str,
-    error: &str,
-    attempts: i32,
-) -> Next {
-    // jsonb cannot hold NUL: header bytes are kept as text with NUL escaped.
-    let headers = serde_json::Value::Object(
-        m.headers
-            .iter()
-            .map(|(k, v)| {
-                (
-                    k.replace('\0', "\\u0000"),
-                    serde_json::Value::String(String::from_utf8_lossy(v).replace('\0', "\\u0000")),
-                )
-            })
-            .collect(),
-    );
-    let mut failures = 0u32;
-    loop {
-        let written: Result<u64, (bool, String)> = async {
-            let client = session(&shared.pool, db).await.map_err(|e| (false, e))?;
-            client
-                .execute(
-                    &shared.dead_letter_sql,
-                    &[
-                        &shared.inbox.consumer(),
-                        &id,
-                        &m.topic,
-                        &m.partition,
-                        &m.offset,
-                        &m.key,
-                        &headers,
-                        &m.payload,
-                        &reason,
-                        &error,
-                        &attempts,
-                    ],
-                )
-                .await
-                .map_err(|e| {
-                    (
-                        crate::classify::postgres(&e).disposition == crate::classify::Disposition::Permanent,
-                        e.to_string(),
-                    )
-                })
-        }
-        .await;
-        match written {
-            Ok(_) => {
-                shared.stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
-                crate::telemetry::inbox_dead_lettered(shared.inbox.consumer(), reason);
-                return Next::Continue;
-            }
-            Err((true, e)) => {
-                tracing::error!(topic = %m.topic, partition = m.partition, offset = m.offset, error = %e,
-                    "an inbox dead letter cannot be written; stopping");
-                *shared.failure.lock().expect("lock") = Some(ConsumerError::DeadLetterWrite(e));
-                shared.abort.cancel();
-                return Next::Stop;
-            }
-            Err((false, e)) => {
-                if shared.abort.is_cancelled() {
-                    return Next::Stop;
-                }
-                drop_session(db);
-                failures += 1;
-                let delay = shared.config.backoff.delay(failures.min(10));
-                tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "could not write an inbox dead letter; retrying");
-                tokio::time::sleep(delay).await;
-            }
         }
     }
 }

@@ -13,7 +13,8 @@
 //! |---|---|
 //! | `config.rs` | [`RelayConfig`] and its defaults |
 //! | `coordinator.rs` | heartbeat, lane balancing, gauges, periodic tasks |
-//! | `lane.rs` | the lane loop: claim, produce, complete; what a failure means |
+//! | `lane.rs` | the lane loop: claim past what is in flight, produce, hand outcomes on |
+//! | `settle.rs` | what outcomes mean: delete what was acknowledged; retry, dead-letter or leave what failed |
 //! | `deliver.rs` | a lane's window of records in flight and their outcomes |
 //! | `completions.rs` | deleting acknowledged rows beside the lane's claims |
 //! | `lane_session.rs` | a lane's session and its statements |
@@ -39,6 +40,7 @@ mod listener;
 mod maintenance;
 pub(crate) mod producer;
 mod reports;
+mod settle;
 mod stats;
 mod sweep;
 
