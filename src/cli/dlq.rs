@@ -1,7 +1,7 @@
 //! `outbox-relay dlq list | show | replay | discard | export`, for the relay's dead letters and,
 //! with `--inbox`, the consumers'.
 
-use std::io::{IsTerminal, Write};
+use std::io::Write;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -10,6 +10,7 @@ use clap::{Args, Subcommand};
 use outbox_relay::ops::{self, Audit, DeadLetterView, Filter, OpsError, Source};
 use uuid::Uuid;
 
+use super::change::{actor, confirm, Change};
 use super::{CliError, Global, NotFound};
 
 #[derive(Debug, Args)]
@@ -89,25 +90,6 @@ impl Filters {
     }
 }
 
-#[derive(Debug, Args, Clone)]
-struct Change {
-    /// Show what would change, change nothing.
-    #[arg(long)]
-    dry_run: bool,
-    /// Do not ask for confirmation (needed without a terminal when more than one matches).
-    #[arg(long)]
-    yes: bool,
-    /// Act on every dead letter (up to --limit) when no filter is given.
-    #[arg(long)]
-    all: bool,
-    /// Who is acting, for the audit log (default: the OS user).
-    #[arg(long)]
-    actor: Option<String>,
-    /// Why, for the audit log.
-    #[arg(long)]
-    why: Option<String>,
-}
-
 #[derive(Debug, Subcommand)]
 enum DlqCommand {
     /// List dead letters, newest first.
@@ -182,16 +164,6 @@ fn parse_time(s: &str) -> Result<DateTime<Utc>, String> {
     }
 }
 
-fn actor(change: &Change) -> Audit {
-    let actor = change
-        .actor
-        .clone()
-        .or_else(|| std::env::var("USER").ok())
-        .or_else(|| std::env::var("LOGNAME").ok())
-        .unwrap_or_else(|| "unknown".to_owned());
-    Audit { actor, why: change.why.clone() }
-}
-
 fn print_list(items: &[DeadLetterView], json: bool) -> Result<(), CliError> {
     let mut out = std::io::stdout().lock();
     if json {
@@ -224,27 +196,6 @@ fn print_list(items: &[DeadLetterView], json: bool) -> Result<(), CliError> {
         )?;
     }
     Ok(())
-}
-
-/// Asks before a bulk change; without a terminal, --yes is required.
-fn confirm(verb: &str, n: usize, change: &Change) -> Result<(), CliError> {
-    if change.yes || n <= 1 {
-        return Ok(());
-    }
-    if !std::io::stdin().is_terminal() {
-        return Err(format!(
-            "refusing to {verb} {n} dead letters without confirmation: add --yes (or --dry-run to list them first)"
-        )
-        .into());
-    }
-    eprint!("{verb} {n} dead letters? [y/N] ");
-    let mut answer = String::new();
-    std::io::stdin().read_line(&mut answer)?;
-    if matches!(answer.trim(), "y" | "Y" | "yes") {
-        Ok(())
-    } else {
-        Err("nothing changed".into())
-    }
 }
 
 /// `--dry-run`: lists what would change and returns `None`. Otherwise asks for confirmation (see

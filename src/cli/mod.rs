@@ -4,6 +4,7 @@ use clap::{Args, Parser, Subcommand};
 use outbox_relay::db::DbConfig;
 use outbox_relay::schema::SchemaName;
 
+mod change;
 mod dlq;
 mod grants;
 mod health;

@@ -17,14 +17,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::{Header, OwnedHeaders};
 use tokio::time::Instant;
 
-use super::lane_session::{Acked, ClaimedRow, DeadLetter};
+use super::lane_session::{Acked, ClaimedRow};
 use super::producer::{Generation, SendError};
 use super::reports::{DeliveryReport, Route};
 use super::{envelope, Shared};
-use crate::classify::{self, reason, Classified, Disposition};
+use crate::classify::{self, Classified, Disposition};
 use crate::outbox::validate_topic;
 
 /// How long the report of a record refused for good gets to arrive after its producer failed, so
@@ -415,33 +414,6 @@ async fn send_one(
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
             Err(SendError::Kafka(e, _)) => return Sent::Refused(describe(&e), classify::kafka(&e)),
-        }
-    }
-}
-
-/// Mirrors dead letters to the DLQ topic, best effort: the table is the record of truth.
-pub(super) fn mirror_to_dlq(shared: &Arc<Shared>, dlq: &str, rows: &[ClaimedRow], dead: &[DeadLetter]) {
-    let Some(mirror) = &shared.mirror else { return };
-    for d in dead {
-        let Some(row) = rows.iter().find(|r| r.seq == d.seq) else { continue };
-        let headers: OwnedHeaders = envelope::headers(row, &shared.source)
-            .insert(Header { key: "outbox_dlq_reason", value: Some(d.reason.as_str()) })
-            .insert(Header { key: "outbox_dlq_error_class", value: Some(d.error_class.as_str()) })
-            .insert(Header { key: "outbox_dlq_original_topic", value: Some(row.topic.as_str()) });
-        // A payload too large for the topic is too large for the DLQ as well: send the envelope.
-        let payload = if d.reason == reason::MESSAGE_TOO_LARGE { None } else { row.payload.as_deref() };
-        let record = envelope::record(dlq, row.key.as_deref().map(str::as_bytes), payload, headers);
-        let id = row.id;
-        match mirror.send_result(record) {
-            Ok(fut) => {
-                tokio::spawn(async move {
-                    if let Ok(Err((e, _))) = fut.await {
-                        tracing::warn!(message_id = %id, error = %e, "mirroring a dead letter to the DLQ topic failed; it stays in the dead_letters table");
-                    }
-                });
-            }
-            Err((e, _)) => tracing::warn!(message_id = %id, error = %e,
-                "mirroring a dead letter to the DLQ topic failed; it stays in the dead_letters table"),
         }
     }
 }

@@ -9,10 +9,12 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::deliver::{mirror_to_dlq, retire_failed, Batch, Outcome};
+use rdkafka::message::{Header, OwnedHeaders};
+
+use super::deliver::{retire_failed, Batch, Outcome};
 use super::lane::{LaneExit, LaneState};
 use super::lane_session::{Acked, ClaimedRow, DeadLetter, FailedAttempt, LaneSession};
-use super::{DeadLetterPolicy, Shared};
+use super::{envelope, DeadLetterPolicy, Shared};
 use crate::classify::{reason, Classified, Disposition};
 
 /// A batch whose every row was acknowledged: a success for the breaker, and rows to delete.
@@ -225,4 +227,31 @@ fn decide(shared: &Shared, row: &ClaimedRow, c: &Classified, breaker_was_closed:
         }
     }
     Decision::Retry(shared.config.retry.delay(row.attempts.max(0) as u32))
+}
+
+/// Mirrors dead letters to the DLQ topic, best effort: the table is the record of truth.
+fn mirror_to_dlq(shared: &Arc<Shared>, dlq: &str, rows: &[ClaimedRow], dead: &[DeadLetter]) {
+    let Some(mirror) = &shared.mirror else { return };
+    for d in dead {
+        let Some(row) = rows.iter().find(|r| r.seq == d.seq) else { continue };
+        let headers: OwnedHeaders = envelope::headers(row, &shared.source)
+            .insert(Header { key: "outbox_dlq_reason", value: Some(d.reason.as_str()) })
+            .insert(Header { key: "outbox_dlq_error_class", value: Some(d.error_class.as_str()) })
+            .insert(Header { key: "outbox_dlq_original_topic", value: Some(row.topic.as_str()) });
+        // A payload too large for the topic is too large for the DLQ as well: send the envelope.
+        let payload = if d.reason == reason::MESSAGE_TOO_LARGE { None } else { row.payload.as_deref() };
+        let record = envelope::record(dlq, row.key.as_deref().map(str::as_bytes), payload, headers);
+        let id = row.id;
+        match mirror.send_result(record) {
+            Ok(fut) => {
+                tokio::spawn(async move {
+                    if let Ok(Err((e, _))) = fut.await {
+                        tracing::warn!(message_id = %id, error = %e, "mirroring a dead letter to the DLQ topic failed; it stays in the dead_letters table");
+                    }
+                });
+            }
+            Err((e, _)) => tracing::warn!(message_id = %id, error = %e,
+                "mirroring a dead letter to the DLQ topic failed; it stays in the dead_letters table"),
+        }
+    }
 }
