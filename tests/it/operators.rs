@@ -362,14 +362,14 @@ async fn metrics_move_during_a_run_and_readyz_follows_the_broker() {
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
     // The backlog gauge is refreshed every --backlog-interval: wait for its next reading.
-    let settle = Instant::now();
-    let body = loop {
-        let (_, body) = http_get(port, "/metrics").await.unwrap();
-        if metric(&body, "outbox_relay_backlog_rows", "") == 0.0 || settle.elapsed() > Duration::from_secs(15) {
-            break body;
+    let (body, _) = eventually(Duration::from_secs(15), Duration::from_millis(250), || async {
+        let (_, body) = http_get(port, "/metrics").await.ok_or("no /metrics answer")?;
+        match metric(&body, "outbox_relay_backlog_rows", "") {
+            0.0 => Ok(body),
+            n => Err(format!("the backlog gauge still reads {n}")),
         }
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    };
+    })
+    .await;
     let delivered = metric(&body, "outbox_relay_delivered_total", &label);
     let backlog_end = metric(&body, "outbox_relay_backlog_rows", "");
     let moving = seen.windows(2).filter(|w| w[1] > w[0]).count();

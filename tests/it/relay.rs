@@ -644,10 +644,15 @@ async fn idempotency_keys_are_kept_while_their_message_is_pending_or_dead_letter
     cfg.max_lanes = Some(0);
     cfg.maintenance_interval = Duration::from_millis(200);
     let relay = InProcess::start(cfg);
-    let start = Instant::now();
-    while relay.stats.pruned.load(Ordering::Relaxed) < 10 && start.elapsed() < Duration::from_secs(30) {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    eventually(Duration::from_secs(30), Duration::from_millis(100), || async {
+        let pruned = relay.stats.pruned.load(Ordering::Relaxed);
+        if pruned >= 10 {
+            Ok(())
+        } else {
+            Err(format!("pruned {pruned} of 10"))
+        }
+    })
+    .await;
     // A few more maintenance passes, so that a wrong prune would have had its chance.
     tokio::time::sleep(Duration::from_secs(1)).await;
     let stats = relay.shutdown().await;
