@@ -14,3 +14,4 @@ mod operators;
 mod relay;
 mod tls;
 mod writer;
+mod writers_other_languages;
