@@ -4,7 +4,9 @@
 #   - docker/compose.yml parses (`docker-compose config`, Debian's docker-compose) with defaults
 #     and with overridden ports and credentials;
 #   - every image is pinned to a version, the runtime image runs as a non-root user and has a
-#     health check, and every long-running service has a health check.
+#     health check, and every long-running service has a health check;
+#   - then scripts/check-observability.sh: the Prometheus configuration, alert rules and their
+#     tests, and the Grafana dashboard.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
@@ -43,8 +45,9 @@ done < <(grep -E '^\s+image:' <<<"$rendered" | awk '{print $2}' | sort -u)
 grep -E '^FROM ' docker/Dockerfile | grep -qv ':' && fail "a FROM line has no tag"
 grep -qE '^USER [0-9]+' docker/Dockerfile || fail "the runtime image does not switch to a numeric non-root USER"
 grep -q '^HEALTHCHECK ' docker/Dockerfile || fail "the Dockerfile has no HEALTHCHECK"
-for svc in postgres kafka relay demo-consumer demo-writer prometheus; do
+for svc in postgres kafka relay demo-consumer demo-writer prometheus grafana; do
   awk -v s="  $svc:" '$0==s{f=1;next} /^  [a-z-]+:$/{f=0} f' docker/compose.yml | grep -q 'healthcheck:' \
     || fail "service $svc has no health check"
 done
 echo "check-docker: images pinned, non-root user, health checks present"
+bash scripts/check-observability.sh   # the alert rules, their tests and the dashboard
