@@ -26,8 +26,12 @@ WITH head AS (
     FROM (SELECT DISTINCT xid FROM head
           WHERE xid IS NOT NULL AND $3 > -9223372036854775808 AND xid::text::bigint <> ALL ($5::bigint[])) t
     CROSS JOIN LATERAL (
+        -- By the transaction's index only (`lane + 0` keeps the planner off (lane, seq)): under a
+        -- held snapshot the statistics see only the few live rows, the planner took the lane's
+        -- index for one row, and every transaction of the batch walked all the rows deleted below
+        -- the cursor (claims of 1 to 24 s; BENCHMARKS.md, table 7).
         SELECT * FROM __SCHEMA__.messages m
-        WHERE m.xid = t.xid AND m.lane = $1 AND m.seq < $3
+        WHERE m.xid = t.xid AND m.lane + 0 = $1 AND m.seq < $3
           AND (m.key IS NULL OR NOT EXISTS (SELECT 1 FROM __SCHEMA__.parked_keys p WHERE p.key = m.key))
         ORDER BY m.seq
         LIMIT $2
