@@ -214,14 +214,26 @@ impl Coordinator {
             .collect();
         // Instances racing for the same free lanes start at different places.
         free.shuffle(&mut rand::rng());
-        for lane in free {
-            if self.owned.len() >= target {
-                break;
-            }
-            let cfg = &self.shared.config;
+        free.truncate(target.saturating_sub(self.owned.len()));
+        // The sessions open at once: opening them one after another took a relay started on a
+        // backlog 4-6 s to reach its 16 lanes, while the first lanes' work slowed every connect.
+        // A lane another instance took in the meantime comes back `None`; the next tick tries others.
+        let cfg = self.shared.config.clone();
+        let opened = futures::future::join_all(free.into_iter().map(|lane| {
             // The session names its instance and lane, so operators (and pg_stat_activity) see who holds what.
             let db = cfg.db.clone().with_application_name(&format!("outbox-relay {} lane {lane}", cfg.instance_id));
-            match LaneSession::try_acquire(&db, &cfg.schema, lock_class, lane, cfg.archive, cfg.db_call_timeout).await {
+            let cfg = cfg.clone();
+            async move {
+                (
+                    lane,
+                    LaneSession::try_acquire(&db, &cfg.schema, lock_class, lane, cfg.archive, cfg.db_call_timeout)
+                        .await,
+                )
+            }
+        }))
+        .await;
+        for (lane, result) in opened {
+            match result {
                 Ok(Some(session)) => {
                     let stop = CancellationToken::new();
                     let task = tokio::spawn(lane::run_lane(self.shared.clone(), lane, session, stop.clone()));
@@ -230,10 +242,7 @@ impl Coordinator {
                     tracing::info!(lane, instance = %cfg.instance_id, "lane acquired");
                 }
                 Ok(None) => {}
-                Err(e) => {
-                    tracing::warn!(lane, error = %e, "could not open a session for a lane; will retry");
-                    break;
-                }
+                Err(e) => tracing::warn!(lane, error = %e, "could not open a session for a lane; will retry"),
             }
         }
         Ok(())
