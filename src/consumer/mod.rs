@@ -151,10 +151,12 @@ pub async fn run<H: Handler>(
         .set("heartbeat.interval.ms", "1000")
         .set("socket.timeout.ms", "10000")
         // How long a fetch may wait for data. Apache Kafka answers a waiting fetch as soon as a
-        // record arrives, so this only bounds idle polling there; a broker that does not answer
-        // early (the test broker) makes it the floor of every message's latency (librdkafka's
-        // default, 500 ms, put p50 commit-to-effect near 190 ms at 500 msg/s).
-        .set("fetch.wait.max.ms", "100")
+        // record arrives, so there this only bounds idle polling (an idle consumer sends about 100
+        // fetches a second to each broker; raise it with a property if that matters more than
+        // latency). A broker that does not answer early (the test broker) makes it the floor of
+        // every message's latency: at 625 msg/s, 100 ms put p50 commit-to-effect at 58 ms and
+        // 10 ms at 25 ms (BENCHMARKS.md, table 8); librdkafka's default, 500 ms, near 190 ms.
+        .set("fetch.wait.max.ms", "10")
         // A consumer may start before its topic exists: notice it (and new partitions) in seconds.
         .set("topic.metadata.refresh.interval.ms", "5000");
     for (k, v) in &config.properties {
