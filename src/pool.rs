@@ -79,12 +79,6 @@ impl Pool {
             other => ConnectError::Pool(other.to_string()),
         })
     }
-
-    /// Sessions open now, and how many callers wait for one.
-    pub fn status(&self) -> (usize, usize) {
-        let s = self.0.status();
-        (s.size, s.waiting)
-    }
 }
 
 /// Drops a lent session for good instead of giving it back.

@@ -21,7 +21,6 @@ pub(super) async fn partition_worker<H: Handler>(
     depth: Arc<std::sync::atomic::AtomicUsize>,
     revoked: CancellationToken,
 ) {
-    let mut db: Option<Pooled> = None;
     while let Some(first) = rx.recv().await {
         if shared.abort.is_cancelled() || revoked.is_cancelled() {
             return;
@@ -37,9 +36,10 @@ pub(super) async fn partition_worker<H: Handler>(
         let last = match batch.last().expect("one at least") {
             ConsumedOrBad::Ok(m) | ConsumedOrBad::NoId(m, _) => (m.topic.clone(), m.partition, m.offset),
         };
+        // A session for this batch only, given back after it: the partitions share the pool's.
+        let mut db: Option<Pooled> = None;
         let next = process(&shared, &mut db, batch).await;
-        // Give the session back between batches: the partitions share the pool's sessions.
-        db = None;
+        drop(db);
         if next == Next::Stop {
             return;
         }
