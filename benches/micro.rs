@@ -13,6 +13,7 @@ use uuid::Uuid;
 
 fn row() -> ClaimedRow {
     ClaimedRow {
+        lane: 0,
         seq: 1,
         id: Uuid::now_v7(),
         topic: "orders.created".into(),

@@ -62,12 +62,16 @@ pub struct InboxMessage<'a> {
     pub partition: Option<i32>,
     /// Offset.
     pub offset: Option<i64>,
+    /// The outbox lane it was delivered from (the `outbox_lane` header).
+    pub lane: Option<i16>,
+    /// Its sequence number in the outbox (the `outbox_seq` header).
+    pub seq: Option<i64>,
 }
 
 impl<'a> InboxMessage<'a> {
     /// A message with an id and a payload.
     pub fn new(id: Uuid, payload: Option<&'a [u8]>) -> Self {
-        Self { id, payload, topic: None, partition: None, offset: None }
+        Self { id, payload, topic: None, partition: None, offset: None, lane: None, seq: None }
     }
 
     /// Adds where it was consumed from.
@@ -75,6 +79,13 @@ impl<'a> InboxMessage<'a> {
         self.topic = Some(topic);
         self.partition = Some(partition);
         self.offset = Some(offset);
+        self
+    }
+
+    /// Adds the outbox lane and sequence number the record carried, for `reconcile`.
+    pub fn sequenced(mut self, lane: Option<i16>, seq: Option<i64>) -> Self {
+        self.lane = lane;
+        self.seq = seq;
         self
     }
 
@@ -134,13 +145,15 @@ impl Inbox {
     /// Records one message in the caller's transaction.
     pub async fn record(&self, tx: &impl GenericClient, m: &InboxMessage<'_>) -> Result<InboxOutcome, InboxError> {
         let digest = m.digest();
-        let params: [(&(dyn ToSql + Sync), Type); 6] = [
+        let params: [(&(dyn ToSql + Sync), Type); 8] = [
             (&self.consumer, Type::TEXT),
             (&m.id, Type::UUID),
             (&digest, Type::BYTEA),
             (&m.topic, Type::TEXT),
             (&m.partition, Type::INT4),
             (&m.offset, Type::INT8),
+            (&m.lane, Type::INT2),
+            (&m.seq, Type::INT8),
         ];
         let inserted = tx.execute_typed(&self.record_sql, &params).await?;
         if inserted == 1 {
@@ -165,13 +178,17 @@ impl Inbox {
         let topics: Vec<Option<&str>> = messages.iter().map(|m| m.topic).collect();
         let partitions: Vec<Option<i32>> = messages.iter().map(|m| m.partition).collect();
         let offsets: Vec<Option<i64>> = messages.iter().map(|m| m.offset).collect();
-        let params: [(&(dyn ToSql + Sync), Type); 6] = [
+        let lanes: Vec<Option<i16>> = messages.iter().map(|m| m.lane).collect();
+        let seqs: Vec<Option<i64>> = messages.iter().map(|m| m.seq).collect();
+        let params: [(&(dyn ToSql + Sync), Type); 8] = [
             (&self.consumer, Type::TEXT),
             (&ids, Type::UUID_ARRAY),
             (&digests, Type::BYTEA_ARRAY),
             (&topics, Type::TEXT_ARRAY),
             (&partitions, Type::INT4_ARRAY),
             (&offsets, Type::INT8_ARRAY),
+            (&lanes, Type::INT2_ARRAY),
+            (&seqs, Type::INT8_ARRAY),
         ];
         let rows = tx.query_typed(&self.batch_sql, &params).await?;
         let mut fresh = std::collections::HashSet::new();

@@ -27,6 +27,10 @@ fn main() -> ExitCode {
             eprintln!("error: {e:#}");
             ExitCode::from(cli::NotFound::EXIT_CODE)
         }
+        Err(e) if e.is::<cli::Missing>() => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(cli::Missing::EXIT_CODE)
+        }
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE

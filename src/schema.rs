@@ -128,6 +128,7 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "0009_transaction_of_row.sql",
         sql: include_str!("../schema/0009_transaction_of_row.sql"),
     },
+    Migration { version: 10, name: "0010_reconciliation.sql", sql: include_str!("../schema/0010_reconciliation.sql") },
 ];
 
 impl Migration {

@@ -16,6 +16,8 @@
 //! | `outbox_relay_producer_replaced_total` | counter | reason | producer generations retired |
 //! | `outbox_relay_outbox_dead_tuples` | gauge | | dead row versions in the outbox table |
 //! | `outbox_relay_snapshot_horizon_seconds` | gauge | | age of the oldest snapshot held on the database |
+//! | `outbox_relay_reconcile_missing` | gauge | consumer | missing messages the newest `reconcile` found |
+//! | `outbox_relay_reconcile_age_seconds` | gauge | consumer | how long ago the newest `reconcile` ran |
 //! | `outbox_relay_claim_seconds` | histogram | | time one claim query took |
 //! | `outbox_relay_sweep_found_total` | counter | | rows the sweep found behind a lane's claim cursor |
 //! | `outbox_inbox_processed_total` | counter | consumer | effects applied |
@@ -65,6 +67,16 @@ pub fn describe() {
         "outbox_relay_snapshot_horizon_seconds",
         Unit::Seconds,
         "Age of the oldest snapshot held on the database (it keeps deleted outbox rows from being cleaned up)"
+    );
+    describe_gauge!(
+        "outbox_relay_reconcile_missing",
+        Unit::Count,
+        "Delivered messages the consumer had not processed, as the newest `outbox-relay reconcile` found"
+    );
+    describe_gauge!(
+        "outbox_relay_reconcile_age_seconds",
+        Unit::Seconds,
+        "How long ago the newest `outbox-relay reconcile` of the consumer ran"
     );
     describe_histogram!("outbox_relay_claim_seconds", Unit::Seconds, "Time one claim query of a lane took");
     describe_counter!(
@@ -153,6 +165,12 @@ pub fn producer_replaced(reason: &'static str) {
 pub fn queue_health(dead_tuples: i64, horizon: Duration) {
     metrics::gauge!("outbox_relay_outbox_dead_tuples").set(dead_tuples as f64);
     metrics::gauge!("outbox_relay_snapshot_horizon_seconds").set(horizon.as_secs_f64());
+}
+
+/// What the newest reconciliation of `consumer` found, and how long ago it ran.
+pub fn reconciliation(consumer: &str, missing: i64, age: Duration) {
+    metrics::gauge!("outbox_relay_reconcile_missing", "consumer" => consumer.to_owned()).set(missing as f64);
+    metrics::gauge!("outbox_relay_reconcile_age_seconds", "consumer" => consumer.to_owned()).set(age.as_secs_f64());
 }
 
 /// Inbox outcomes of `consumer`.

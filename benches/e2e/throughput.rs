@@ -159,6 +159,7 @@ pub(super) async fn produce_rate(ctx: &Ctx, topic: &str, payloads: Arc<Vec<Vec<u
 /// A row the envelope can be built from (for produce-alone).
 pub(super) fn bench_row(topic: &str) -> ClaimedRow {
     ClaimedRow {
+        lane: 0,
         seq: 0,
         id: Uuid::now_v7(),
         topic: topic.to_owned(),

@@ -8,3 +8,4 @@ GRANT SELECT, INSERT, DELETE ON __SCHEMA__.delivered TO __ROLE__;
 GRANT SELECT, DELETE ON __SCHEMA__.idempotency_keys TO __ROLE__;
 GRANT SELECT, INSERT ON __SCHEMA__.dead_letters TO __ROLE__;
 GRANT SELECT, INSERT ON __SCHEMA__.parked_keys TO __ROLE__;
+GRANT SELECT ON __SCHEMA__.reconciliations TO __ROLE__;

@@ -16,9 +16,6 @@ pub(super) struct Change {
     /// Do not ask for confirmation (needed without a terminal when more than one matches).
     #[arg(long)]
     pub(super) yes: bool,
-    /// Act on every dead letter (up to --limit) when no filter is given.
-    #[arg(long)]
-    pub(super) all: bool,
     /// Who is acting, for the audit log (default: the OS user).
     #[arg(long)]
     pub(super) actor: Option<String>,
@@ -38,18 +35,18 @@ pub(super) fn actor(change: &Change) -> Audit {
     Audit { actor, why: change.why.clone() }
 }
 
-/// Asks before a bulk change; without a terminal, --yes is required.
-pub(super) fn confirm(verb: &str, n: usize, change: &Change) -> Result<(), CliError> {
+/// Asks before a bulk change of `n` `what` ("dead letters"); without a terminal, --yes is required.
+pub(super) fn confirm(verb: &str, what: &str, n: usize, change: &Change) -> Result<(), CliError> {
     if change.yes || n <= 1 {
         return Ok(());
     }
     if !std::io::stdin().is_terminal() {
         return Err(format!(
-            "refusing to {verb} {n} dead letters without confirmation: add --yes (or --dry-run to list them first)"
+            "refusing to {verb} {n} {what} without confirmation: add --yes (or --dry-run to list them first)"
         )
         .into());
     }
-    eprint!("{verb} {n} dead letters? [y/N] ");
+    eprint!("{verb} {n} {what}? [y/N] ");
     let mut answer = String::new();
     std::io::stdin().read_line(&mut answer)?;
     if matches!(answer.trim(), "y" | "Y" | "yes") {

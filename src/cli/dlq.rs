@@ -11,7 +11,8 @@ use outbox_relay::ops::{self, Audit, DeadLetterView, Filter, OpsError, Source};
 use uuid::Uuid;
 
 use super::change::{actor, confirm, Change};
-use super::{CliError, Global, NotFound};
+use super::publish::{publish_awaited, KafkaTarget};
+use super::{parse_time, CliError, Global, NotFound};
 
 #[derive(Debug, Args)]
 pub(crate) struct DlqArgs {
@@ -122,6 +123,9 @@ enum DlqCommand {
         filters: Filters,
         #[command(flatten)]
         change: Change,
+        /// Act on every dead letter (up to --limit) when no filter is given.
+        #[arg(long)]
+        all: bool,
         /// At most this many per second (bulk replays).
         #[arg(long)]
         rate: Option<u32>,
@@ -129,11 +133,8 @@ enum DlqCommand {
         #[arg(long)]
         retry_topic: Option<String>,
         /// With --inbox: where to publish.
-        #[arg(long, env = "KAFKA_BROKERS")]
-        kafka_brokers: Option<String>,
-        /// With --inbox: a librdkafka properties file (TLS, SASL).
-        #[arg(long, env = "KAFKA_CONFIG_FILE")]
-        kafka_config_file: Option<PathBuf>,
+        #[command(flatten)]
+        kafka: KafkaTarget,
     },
     /// Delete dead letters, keeping an audit record of each.
     Discard {
@@ -141,6 +142,9 @@ enum DlqCommand {
         filters: Filters,
         #[command(flatten)]
         change: Change,
+        /// Act on every dead letter (up to --limit) when no filter is given.
+        #[arg(long)]
+        all: bool,
     },
     /// Write dead letters as JSON lines (payload included) to a file or standard output.
     Export {
@@ -150,18 +154,6 @@ enum DlqCommand {
         #[arg(long, short)]
         output: Option<PathBuf>,
     },
-}
-
-fn parse_time(s: &str) -> Result<DateTime<Utc>, String> {
-    if let Ok(t) = DateTime::parse_from_rfc3339(s) {
-        return Ok(t.with_timezone(&Utc));
-    }
-    match humantime::parse_duration(s) {
-        Ok(d) => Ok(Utc::now() - chrono::Duration::from_std(d).map_err(|e| e.to_string())?),
-        Err(_) => {
-            Err(format!("{s:?} is neither an RFC 3339 time (2026-11-23T06:00:00Z) nor a duration ago (2h, 3days)"))
-        }
-    }
 }
 
 fn print_list(items: &[DeadLetterView], json: bool) -> Result<(), CliError> {
@@ -206,7 +198,7 @@ fn preview_or_confirm(verb: &str, items: &[DeadLetterView], change: &Change) -> 
         println!("dry run: would {verb} {} dead letters; nothing changed", items.len());
         return Ok(None);
     }
-    confirm(verb, items.len(), change)?;
+    confirm(verb, "dead letters", items.len(), change)?;
     Ok(Some(actor(change)))
 }
 
@@ -214,9 +206,9 @@ async fn matched(
     client: &tokio_postgres::Client,
     global: &Global,
     filters: &Filters,
-    change: &Change,
+    all: bool,
 ) -> Result<Vec<DeadLetterView>, CliError> {
-    if !filters.narrows() && !change.all {
+    if !filters.narrows() && !all {
         return Err("give a filter (--id, --topic, --key, --reason, --since, --until, --consumer) or --all".into());
     }
     // Every id asked for is looked at, however many: --limit caps what filters match, not a list.
@@ -262,8 +254,8 @@ pub(crate) async fn run(global: &Global, args: DlqArgs) -> Result<(), CliError> 
             }
             Ok(())
         }
-        DlqCommand::Discard { filters, change } => {
-            let items = matched(&client, global, &filters, &change).await?;
+        DlqCommand::Discard { filters, change, all } => {
+            let items = matched(&client, global, &filters, all).await?;
             let Some(audit) = preview_or_confirm("discard", &items, &change)? else { return Ok(()) };
             let mut done = 0u64;
             let started = Instant::now();
@@ -277,27 +269,14 @@ pub(crate) async fn run(global: &Global, args: DlqArgs) -> Result<(), CliError> 
             println!("discarded {done} dead letters (audit rows written, actor {})", audit.actor);
             Ok(())
         }
-        DlqCommand::Replay { filters, change, rate, retry_topic, kafka_brokers, kafka_config_file } => {
-            let items = matched(&client, global, &filters, &change).await?;
+        DlqCommand::Replay { filters, change, all, rate, retry_topic, kafka } => {
+            let items = matched(&client, global, &filters, all).await?;
             let Some(audit) = preview_or_confirm("replay", &items, &change)? else { return Ok(()) };
             let per_chunk = rate.map_or(200, |r| r.clamp(1, 200) as usize);
             let started = Instant::now();
             let mut done = 0usize;
-            let producer = if filters.inbox {
-                let brokers = kafka_brokers
-                    .ok_or("replaying inbox dead letters publishes them: set KAFKA_BROKERS or --kafka-brokers")?;
-                let mut settings = outbox_relay::relay::kafka::ProducerSettings {
-                    brokers,
-                    message_timeout: Duration::from_secs(30),
-                    properties: Vec::new(),
-                };
-                if let Some(path) = &kafka_config_file {
-                    settings.properties = outbox_relay::relay::kafka::read_properties_file(path)?;
-                }
-                Some(settings.create()?)
-            } else {
-                None
-            };
+            let producer =
+                if filters.inbox { Some(kafka.producer("replaying inbox dead letters publishes them")?) } else { None };
             for chunk in items.chunks(per_chunk) {
                 let chunk_started = Instant::now();
                 match &producer {
@@ -366,18 +345,11 @@ async fn republish(
         headers = headers.insert(Header { key: k.as_str(), value: Some(v.as_str()) });
     }
     let record = outbox_relay::relay::envelope::record(topic, r.key.as_deref(), r.payload.as_deref(), headers);
-    // librdkafka never gives up on a record by itself (the relay's producer settings): bound it here.
-    let within = Duration::from_secs(30);
-    match tokio::time::timeout(within, producer.send(record, within)).await {
-        Ok(Ok(_)) => Ok(()),
-        Ok(Err((e, _))) => {
-            Err(format!("re-publishing inbox dead letter {} to {topic} failed: {e}", r.dead_letter_id).into())
-        }
-        Err(_) => Err(format!(
-            "re-publishing inbox dead letter {} to {topic}: no acknowledgement within {within:?}; it stays a dead \
-             letter (check KAFKA_BROKERS and the broker, then run the replay again)",
-            r.dead_letter_id
-        )
-        .into()),
-    }
+    publish_awaited(producer, record, &format!("re-publishing inbox dead letter {} to {topic}", r.dead_letter_id))
+        .await
+        .map(|_| ())
+        .map_err(|e| {
+            format!("{e}; it stays a dead letter (check KAFKA_BROKERS and the broker, then run the replay again)")
+                .into()
+        })
 }

@@ -10,6 +10,8 @@ mod grants;
 mod health;
 mod inbox;
 mod migrate;
+mod publish;
+mod reconcile;
 mod run;
 mod status;
 mod trace;
@@ -58,6 +60,8 @@ enum Command {
     Status(status::StatusArgs),
     /// Where one message is: pending, delivered, dead-lettered, processed by which consumers.
     Trace(trace::TraceArgs),
+    /// Did every consumer process every delivered message? The archive against the inboxes.
+    Reconcile(reconcile::ReconcileArgs),
     /// Ask a running relay's /healthz (or /readyz); exit 0 when healthy (for container health checks).
     Health(health::HealthArgs),
 }
@@ -74,6 +78,31 @@ pub(crate) struct NotFound(pub(crate) String);
 impl NotFound {
     /// The exit code for "not found".
     pub(crate) const EXIT_CODE: u8 = 3;
+}
+
+/// Messages delivered and not processed were found (`reconcile`): exit code
+/// [`Missing::EXIT_CODE`], so a scheduled job can page on it and tell it from a failure (exit 1).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub(crate) struct Missing(pub(crate) String);
+
+impl Missing {
+    /// The exit code for "messages are missing".
+    pub(crate) const EXIT_CODE: u8 = 4;
+}
+
+/// A time given as RFC 3339 or as a duration ago (`2h`, `3days`).
+pub(crate) fn parse_time(s: &str) -> Result<chrono::DateTime<chrono::Utc>, String> {
+    use chrono::{DateTime, Utc};
+    if let Ok(t) = DateTime::parse_from_rfc3339(s) {
+        return Ok(t.with_timezone(&Utc));
+    }
+    match humantime::parse_duration(s) {
+        Ok(d) => Ok(Utc::now() - chrono::Duration::from_std(d).map_err(|e| e.to_string())?),
+        Err(_) => {
+            Err(format!("{s:?} is neither an RFC 3339 time (2026-11-23T06:00:00Z) nor a duration ago (2h, 3days)"))
+        }
+    }
 }
 
 impl Global {
@@ -132,6 +161,7 @@ pub(crate) async fn dispatch(cli: Cli) -> Result<(), CliError> {
         Command::Dlq(args) => dlq::run(&cli.global, args).await,
         Command::Status(args) => status::run(&cli.global, args).await,
         Command::Trace(args) => trace::run(&cli.global, args).await,
+        Command::Reconcile(args) => reconcile::run(&cli.global, args).await,
         Command::Health(args) => health::run(args).await,
     }
 }

@@ -1,6 +1,8 @@
 //! `outbox-relay status`: backlog, retries, dead letters, instances and lanes, queue health (dead
 //! tuples, who holds the oldest snapshot), parked keys.
 
+use std::time::Duration;
+
 use clap::Args;
 use outbox_relay::ops;
 
@@ -58,7 +60,7 @@ pub(crate) async fn run(global: &Global, args: StatusArgs) -> Result<(), CliErro
     match s.oldest_snapshots.first() {
         None => println!("oldest snapshot: none held"),
         Some(_) => {
-            println!("oldest snapshots (they keep delivered rows from being cleaned up; every claim walks over them):")
+            println!("oldest snapshots (they keep delivered rows from being cleaned up: the outbox table grows while they last):")
         }
     }
     for h in &s.oldest_snapshots {
@@ -71,6 +73,26 @@ pub(crate) async fn run(global: &Global, args: StatusArgs) -> Result<(), CliErro
             h.state,
             h.age_seconds.map_or("?".to_owned(), |a| format!("{a:.0}s")),
             h.query_prefix.as_deref().unwrap_or("")
+        );
+    }
+    match s.reconciliations.is_empty() {
+        true => println!("reconciliation: never run (`outbox-relay reconcile --consumer NAME`)"),
+        false => println!("last reconciliation per consumer:"),
+    }
+    for r in &s.reconciliations {
+        println!(
+            "  {:<24} {} ago, window {} to {}: {} delivered, {} processed, {} dead-lettered, {} in flight, {} missing{}, {} unknown",
+            r.consumer,
+            humantime::format_duration(Duration::from_secs(r.age_seconds.max(0.0) as u64)),
+            r.since.format("%Y-%m-%d %H:%M"),
+            r.until.format("%Y-%m-%d %H:%M"),
+            r.delivered,
+            r.processed,
+            r.dead_lettered,
+            r.in_flight,
+            r.missing,
+            r.oldest_missing_at.map(|t| format!(" (oldest delivered {})", t.format("%Y-%m-%d %H:%M:%S"))).unwrap_or_default(),
+            r.unknown
         );
     }
     println!("parked keys: {}", s.parked_keys.len());

@@ -45,4 +45,15 @@ impl ConsumedMessage {
     pub fn header(&self, name: &str) -> Option<&str> {
         self.headers.iter().find(|(k, _)| k == name).and_then(|(_, v)| std::str::from_utf8(v).ok())
     }
+
+    /// The outbox lane the relay delivered it from (the `outbox_lane` header), if it says.
+    pub fn lane(&self) -> Option<i16> {
+        self.header(crate::outbox::LANE_HEADER).and_then(|v| v.parse().ok())
+    }
+
+    /// The row's sequence number in the outbox (the `outbox_seq` header), if it says: unique,
+    /// increasing per key in delivery order.
+    pub fn seq(&self) -> Option<i64> {
+        self.header(crate::outbox::SEQ_HEADER).and_then(|v| v.parse().ok())
+    }
 }

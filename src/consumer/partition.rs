@@ -134,7 +134,7 @@ pub(super) fn drop_session(db: &mut Option<Pooled>) {
 }
 
 fn inbox_message(m: &ConsumedMessage) -> InboxMessage<'_> {
-    InboxMessage::new(m.id, m.payload.as_deref()).at(&m.topic, m.partition, m.offset)
+    InboxMessage::new(m.id, m.payload.as_deref()).at(&m.topic, m.partition, m.offset).sequenced(m.lane(), m.seq())
 }
 
 /// One transaction, one dedup statement for the whole batch; any handler error rolls it all back.

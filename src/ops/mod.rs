@@ -8,6 +8,7 @@ use tokio_postgres::types::ToSql;
 use uuid::Uuid;
 
 mod dead_letters;
+pub mod reconcile;
 mod status;
 mod trace;
 

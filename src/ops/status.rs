@@ -33,6 +33,8 @@ pub struct Status {
     pub outbox_dead_tuples: i64,
     /// What holds back the oldest snapshots on the database (at most 3, oldest first).
     pub oldest_snapshots: Vec<crate::horizon::SnapshotHolder>,
+    /// The newest `reconcile` of each consumer.
+    pub reconciliations: Vec<super::reconcile::LastReconciliation>,
 }
 
 /// Backlog of one topic in one lane.
@@ -107,5 +109,6 @@ pub async fn status(client: &impl GenericClient, schema: &SchemaName) -> Result<
         unowned_lanes: (0..lanes as i16).filter(|l| !owned.contains(l)).collect(),
         outbox_dead_tuples: crate::horizon::dead_tuples(client, schema).await?,
         oldest_snapshots: crate::horizon::snapshot_holders(client, 3).await?,
+        reconciliations: super::reconcile::last_reconciliations(client, schema).await?,
     })
 }

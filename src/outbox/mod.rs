@@ -43,6 +43,11 @@ pub const IDEMPOTENCY_NAMESPACE: Uuid = uuid::uuid!("7d23c104-60d5-4fd5-9f73-755
 
 /// The Kafka header that carries the message id (CloudEvents `ce_id`); the inbox reads it.
 pub const ID_HEADER: &str = "ce_id";
+/// The header naming the outbox lane a record was delivered from.
+pub const LANE_HEADER: &str = "outbox_lane";
+/// The header carrying the row's sequence number in the outbox: unique, and increasing per key in
+/// delivery order; not dense (one sequence serves every lane, and rolled-back writes leave holes).
+pub const SEQ_HEADER: &str = "outbox_seq";
 
 /// Why an enqueue failed.
 #[derive(Debug, thiserror::Error)]

@@ -264,7 +264,8 @@ impl Coordinator {
         self.observe_horizon().await
     }
 
-    /// The outbox's dead tuples and the age of the oldest snapshot on the database, as metrics;
+    /// The outbox's dead tuples, the age of the oldest snapshot on the database, and what the
+    /// newest reconciliation of each consumer found, as metrics;
     /// a warning (once, until it clears) when that snapshot is older than `--horizon-warn`. The
     /// relay stays ready: it is not at fault, and its claims do not slow down (they start at each lane's
     /// cursor), but the outbox table and its indexes grow while it lasts.
@@ -276,6 +277,9 @@ impl Coordinator {
         let oldest = crate::horizon::snapshot_holders(control, 1).await?.into_iter().next();
         let age = oldest.as_ref().and_then(|h| h.age_seconds).unwrap_or(0.0).max(0.0);
         crate::telemetry::queue_health(dead, Duration::from_secs_f64(age));
+        for r in crate::ops::reconcile::last_reconciliations(control, &schema).await? {
+            crate::telemetry::reconciliation(&r.consumer, r.missing, Duration::from_secs_f64(r.age_seconds.max(0.0)));
+        }
         match oldest {
             Some(h) if age > warn_after.as_secs_f64() => {
                 if !self.horizon_warned {

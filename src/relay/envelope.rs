@@ -7,7 +7,7 @@ use super::lane_session::ClaimedRow;
 
 /// CloudEvents spec version written in `ce_specversion`.
 pub const CE_SPECVERSION: &str = "1.0";
-pub use crate::outbox::ID_HEADER;
+pub use crate::outbox::{ID_HEADER, LANE_HEADER, SEQ_HEADER};
 
 /// A record for `topic` with its headers, and a key and a payload when there are (a record
 /// without a payload is a tombstone; without a key, the partitioner spreads it). For the
@@ -47,13 +47,17 @@ pub fn headers(row: &ClaimedRow, source: &str) -> OwnedHeaders {
     let id = row.id.hyphenated().to_string();
     let ce_type = row.message_type.as_deref().unwrap_or(&row.topic);
     let content_type = row.content_type.as_deref().unwrap_or(crate::outbox::CONTENT_TYPE_BYTES);
-    let mut h = OwnedHeaders::new_with_capacity(8 + row.headers.len())
+    let lane = row.lane.to_string();
+    let seq = row.seq.to_string();
+    let mut h = OwnedHeaders::new_with_capacity(10 + row.headers.len())
         .insert(Header { key: "ce_specversion", value: Some(CE_SPECVERSION) })
         .insert(Header { key: ID_HEADER, value: Some(id.as_str()) })
         .insert(Header { key: "ce_source", value: Some(source) })
         .insert(Header { key: "ce_type", value: Some(ce_type) })
         .insert(Header { key: "ce_time", value: Some(time.as_str()) })
-        .insert(Header { key: "content-type", value: Some(content_type) });
+        .insert(Header { key: "content-type", value: Some(content_type) })
+        .insert(Header { key: LANE_HEADER, value: Some(lane.as_str()) })
+        .insert(Header { key: SEQ_HEADER, value: Some(seq.as_str()) });
     if let Some(tp) = &row.traceparent {
         h = h.insert(Header { key: "traceparent", value: Some(tp.as_str()) });
     }

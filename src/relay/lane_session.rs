@@ -13,6 +13,8 @@ use crate::schema::SchemaName;
 /// An outbox row read for delivery.
 #[derive(Debug, Clone)]
 pub struct ClaimedRow {
+    /// The lane.
+    pub lane: i16,
     /// Sequence number (order within the lane).
     pub seq: i64,
     /// Message id.
@@ -287,6 +289,7 @@ impl LaneSession {
             .map(|(index, r)| {
                 let (headers, malformed) = decode_headers(r.get::<_, serde_json::Value>(5));
                 ClaimedRow {
+                    lane: self.lane,
                     seq: r.get(0),
                     id: r.get(1),
                     topic: r.get(2),

@@ -1,9 +1,9 @@
 WITH input AS (
-    SELECT * FROM unnest($2::uuid[], $3::bytea[], $4::text[], $5::int[], $6::bigint[])
-        WITH ORDINALITY AS t(message_id, digest, topic, kafka_partition, kafka_offset, ord)
+    SELECT * FROM unnest($2::uuid[], $3::bytea[], $4::text[], $5::int[], $6::bigint[], $7::smallint[], $8::bigint[])
+        WITH ORDINALITY AS t(message_id, digest, topic, kafka_partition, kafka_offset, outbox_lane, outbox_seq, ord)
 ), fresh AS (
-    INSERT INTO __SCHEMA__.inbox (consumer, message_id, digest, topic, kafka_partition, kafka_offset)
-    SELECT $1, message_id, digest, topic, kafka_partition, kafka_offset FROM input ORDER BY ord
+    INSERT INTO __SCHEMA__.inbox (consumer, message_id, digest, topic, kafka_partition, kafka_offset, outbox_lane, outbox_seq)
+    SELECT $1, message_id, digest, topic, kafka_partition, kafka_offset, outbox_lane, outbox_seq FROM input ORDER BY ord
     ON CONFLICT (consumer, message_id) DO NOTHING
     RETURNING message_id
 )

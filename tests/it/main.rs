@@ -11,6 +11,7 @@ mod failures;
 mod inbox;
 mod migrate;
 mod operators;
+mod reconcile;
 mod relay;
 mod tls;
 mod writer;

@@ -1,44 +1,18 @@
 //! The operator's tools against real dead letters made by real failures: dlq list / show /
 //! replay / discard / export, status, trace, /metrics, /readyz, and logs without secrets.
 
-use std::process::{Command, Output};
+use std::process::Command;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use outbox_relay::outbox::{Outbox, OutboxMessage};
 use uuid::Uuid;
 
+use crate::support::cli::{cli, fails, ok};
 use crate::support::kafka::{create_topic, read_topic};
 use crate::support::relay::{config, InProcess};
 use crate::support::workload::wait_until_empty;
 use crate::support::{connect, count, database_url, eventually, kafka_brokers, TestSchema};
-
-fn cli(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_outbox-relay"))
-        .args(args)
-        .env("DATABASE_URL", database_url())
-        .env("KAFKA_BROKERS", kafka_brokers())
-        .env("USER", "oncall-test")
-        .stdin(std::process::Stdio::null())
-        .output()
-        .expect("run outbox-relay")
-}
-
-fn ok(out: &Output) -> String {
-    assert!(
-        out.status.success(),
-        "failed: {}\n{}",
-        String::from_utf8_lossy(&out.stderr),
-        String::from_utf8_lossy(&out.stdout)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn fails(out: &Output, says: &str) {
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "should fail: {}", String::from_utf8_lossy(&out.stdout));
-    assert!(err.contains(says), "error should say {says:?}: {err}");
-}
 
 /// Three oversized rows dead-lettered by a relay whose producer refuses records above 1,000 bytes,
 /// next to five good rows. Returns the dead letters' ids by key.

@@ -2,6 +2,7 @@
 
 #![allow(dead_code)]
 
+pub mod cli;
 pub mod kafka;
 pub mod pg_tls;
 pub mod proxy;
