@@ -18,9 +18,10 @@
 //! 7. Held snapshot: the same load on two databases at once, one with a transaction held open.
 //! 8. The consumer's share: commit→effect through the inbox consumer at 1,000/s and at half the
 //!    peak.
+//! 9. Reconciliation: `reconcile` of 1,000,000 archived deliveries against one consumer.
 //!
 //! This file holds the shared pieces (services, schemas, payloads, paced writers) and `main`;
-//! `throughput.rs` sections 1 and 5, `latency.rs` 2, 3 and 6, `inbox.rs` 4, `held.rs` 7.
+//! `throughput.rs` sections 1 and 5, `latency.rs` 2, 3 and 6, `inbox.rs` 4, `held.rs` 7, `reconcile.rs` 9.
 
 #![allow(missing_docs)]
 
@@ -52,6 +53,7 @@ type Res<T> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
 mod held;
 mod inbox;
 mod latency;
+mod reconcile;
 mod throughput;
 
 struct Ctx {
@@ -430,6 +432,13 @@ async fn main() -> Res<()> {
     if run(5) {
         ctx.quiesce().await?;
         throughput::scaling(&mut ctx, relay_rate).await?;
+    }
+    // 9. Reconciliation (BENCH_RECONCILE_ROWS deliveries, 1,000,000 by default, 100,000 with --short).
+    if run(9) {
+        let default = if short { 100_000 } else { 1_000_000 };
+        let rows = std::env::var("BENCH_RECONCILE_ROWS").ok().and_then(|r| r.parse().ok()).unwrap_or(default);
+        ctx.quiesce().await?;
+        reconcile::reconcile_cost(&mut ctx, rows).await?;
     }
     // 7. Held snapshot: BENCH_HELD_MINUTES long (10 by default, 2 with --short), ten windows.
     if run(7) {
