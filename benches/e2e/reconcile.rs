@@ -11,6 +11,7 @@ use super::*;
 pub(super) async fn reconcile_cost(ctx: &mut Ctx, n: i64) -> Res<()> {
     let s = ctx.schema("reconcile", 16).await?;
     let c = ctx.db.connect().await?;
+    c.batch_execute(reconcile::SESSION_SETTINGS).await?;
     let (missing, dead) = (1_000i64, 100i64);
     let fill = Instant::now();
     c.batch_execute(&s.qualify(&format!(
@@ -47,6 +48,7 @@ pub(super) async fn reconcile_cost(ctx: &mut Ctx, n: i64) -> Res<()> {
         list_limit: 100,
     };
     let apart = ctx.db.connect().await?;
+    apart.batch_execute(reconcile::SESSION_SETTINGS).await?;
     for (label, inbox) in
         [("same database (one statement stages the window)", None), ("given apart (paged)", Some(&apart))]
     {

@@ -78,6 +78,7 @@ pub(crate) async fn run(global: &Global, args: ReconcileArgs) -> Result<(), CliE
         }
         None => None,
     };
+    inbox.as_ref().unwrap_or(&outbox).batch_execute(reconcile::SESSION_SETTINGS).await?;
     let req = ReconcileRequest {
         consumers: args.consumers.clone(),
         since: args.since,

@@ -171,6 +171,12 @@ pub enum Progress {
     },
 }
 
+/// Settings for the session that reads the inboxes, before its first use of a temporary table
+/// (`temp_buffers` cannot change after it): temporary tables live in the session's own buffers
+/// (8 MB by default) and a million staged deliveries take about 100 MB; the joins hash a million
+/// inbox rows (`work_mem`, 4 MB by default, made them spill to disk). What the CLI sets.
+pub const SESSION_SETTINGS: &str = "SET temp_buffers = '512MB'; SET work_mem = '64MB'";
+
 /// Rows read from the archive's database per page when the inbox is in another one.
 const PAGE: i64 = 50_000;
 /// Ids asked about per statement when looking for unknown messages in the archive.
@@ -308,8 +314,16 @@ async fn stage(
             progress(Progress::Staged { rows: 0, elapsed: started.elapsed() });
         }
     }
-    // A temporary table has no statistics until analysed: without them the joins below are
-    // planned for a few rows.
+    // One row per id; a temporary table has no statistics until analysed, and without them the
+    // joins below are planned for a few rows.
+    let index = "CREATE UNIQUE INDEX reconcile_delivered_id ON pg_temp.reconcile_delivered (id)";
+    if let Err(e) = ib.batch_execute(index).await {
+        if e.code() != Some(&tokio_postgres::error::SqlState::UNIQUE_VIOLATION) {
+            return Err(e.into());
+        }
+        ib.batch_execute(include_str!("../sql/reconcile_stage_dedup.sql")).await?;
+        ib.batch_execute(index).await?;
+    }
     ib.batch_execute("ANALYZE pg_temp.reconcile_delivered").await?;
     Ok(())
 }

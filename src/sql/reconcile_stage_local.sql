@@ -3,5 +3,3 @@ INSERT INTO pg_temp.reconcile_delivered
 SELECT id, kafka_topic, kafka_partition, kafka_offset, lane, seq, delivered_at
 FROM __SCHEMA__.delivered
 WHERE delivered_at >= $1 AND delivered_at < $2 AND ($3::text IS NULL OR kafka_topic = $3)
-ORDER BY delivered_at
-ON CONFLICT (id) DO NOTHING
