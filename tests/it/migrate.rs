@@ -103,3 +103,46 @@ async fn migrate_command_installs_and_refuses_a_changed_lane_count() {
     let c = connect().await;
     assert_eq!(count(&c, &s.q("SELECT count(*) FROM __SCHEMA__.migrations")).await, schema::latest_version() as i64);
 }
+
+#[tokio::test]
+async fn migrate_by_schema_pattern_installs_and_upgrades_each_tenant_and_reports_the_ones_it_cannot() {
+    use crate::support::cli::{cli, fails};
+    use outbox_relay::schema::SchemaName;
+    let prefix = crate::support::unique_name("mp");
+    let c = connect().await;
+    // Two new tenants, one already installed, one whose name the product cannot use.
+    let fresh: Vec<TestSchema> = ["a", "b"]
+        .iter()
+        .map(|t| TestSchema { name: SchemaName::new(&format!("{prefix}_{t}")).unwrap(), lanes: 0 })
+        .collect();
+    for s in &fresh {
+        c.batch_execute(&format!("CREATE SCHEMA {}", s.name.ident())).await.unwrap();
+    }
+    let installed = TestSchema { name: SchemaName::new(&format!("{prefix}_c")).unwrap(), lanes: 4 };
+    schema::migrate(&mut connect().await, &installed.name, Some(4)).await.unwrap();
+    let bad = format!("{prefix}_Bad");
+    c.batch_execute(&format!("CREATE SCHEMA \"{bad}\"")).await.unwrap();
+
+    let out = cli(&["migrate", "--schema-pattern", &format!("{prefix}\\_%"), "--lanes", "8"]);
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    c.batch_execute(&format!("DROP SCHEMA \"{bad}\"")).await.unwrap();
+    fails(&out, "1 of 4 schemas failed");
+    assert!(stdout.contains(&format!("[1/4] schema {bad}: FAILED")), "{stdout}");
+    for s in &fresh {
+        assert!(stdout.contains(&format!("schema {}: applied migrations [1, 2", s.name)), "{stdout}");
+        assert_eq!(
+            count(&c, &s.q("SELECT count(*) FROM __SCHEMA__.migrations")).await,
+            schema::latest_version() as i64
+        );
+        assert_eq!(count(&c, &s.q("SELECT value::bigint FROM __SCHEMA__.settings WHERE name = 'lanes'")).await, 8);
+    }
+    assert!(
+        stdout.contains(&format!(
+            "schema {} is up to date (migration {}, 4 lanes)",
+            installed.name,
+            schema::latest_version()
+        )),
+        "{stdout}"
+    );
+    fails(&cli(&["migrate", "--schema-pattern", "no_such_tenant_%"]), "no schema matches");
+}
