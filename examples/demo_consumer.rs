@@ -109,6 +109,16 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         })));
     }
     let stop = CancellationToken::new();
+    // DEMO_METRICS_ADDR (host:port): serve the inbox's metrics (outbox_inbox_*) on /metrics.
+    #[cfg(feature = "relay")]
+    if let Ok(addr) = std::env::var("DEMO_METRICS_ADDR") {
+        let handle = outbox_relay::health::install_recorder();
+        let listener = tokio::net::TcpListener::bind(&addr)
+            .await
+            .map_err(|e| format!("cannot listen on DEMO_METRICS_ADDR {addr}: {e}"))?;
+        let health = Arc::new(outbox_relay::health::Health::new(std::time::Duration::from_secs(300)));
+        tokio::spawn(outbox_relay::health::serve(listener, Some(handle), health, stop.clone()));
+    }
     let signal_stop = stop.clone();
     tokio::spawn(async move {
         use tokio::signal::unix::{signal, SignalKind};

@@ -560,23 +560,25 @@ async fn consumer_process_killed_with_sigkill_repeatedly_applies_each_effect_onc
     produce(&topic, &orders).await;
     let expected_amount: i64 = (0..3000).map(|i| 100 + i as i64).sum();
     let group = crate::support::unique_name("kill9");
-    let spawn = || {
-        std::process::Command::new(demo_consumer_bin())
-            .env("DATABASE_URL", database_url())
+    let spawn = |metrics_port: Option<u16>| {
+        let mut cmd = std::process::Command::new(demo_consumer_bin());
+        cmd.env("DATABASE_URL", database_url())
             .env("KAFKA_BROKERS", kafka_brokers())
             .env("OUTBOX_SCHEMA", s.name.as_str())
             .env("DEMO_TOPIC", &topic)
             .env("DEMO_GROUP", &group)
             .env("DEMO_BATCH", "1")
             .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap()
+            .stderr(std::process::Stdio::null());
+        if let Some(port) = metrics_port {
+            cmd.env("DEMO_METRICS_ADDR", format!("127.0.0.1:{port}"));
+        }
+        cmd.spawn().unwrap()
     };
     let mut kills = 0;
     let start = Instant::now();
     while kills < 4 {
-        let mut child = spawn();
+        let mut child = spawn(None);
         // Let it join the group and apply some, then kill it mid-stream.
         let before = applied(&c).await.0;
         while applied(&c).await.0 <= before + 50 {
@@ -591,11 +593,19 @@ async fn consumer_process_killed_with_sigkill_repeatedly_applies_each_effect_onc
             break;
         }
     }
-    let mut last = spawn();
+    // The last one also serves its metrics, as the compose stack's demo consumer does.
+    let port = crate::support::cli::free_port();
+    let mut last = spawn(Some(port));
     while applied(&c).await.0 < 3000 {
         assert!(start.elapsed() < Duration::from_secs(300), "not all orders applied: {:?}", applied(&c).await);
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    let (code, text) = crate::support::cli::http_get(port, "/metrics").await.expect("the consumer serves /metrics");
+    assert_eq!(code, 200);
+    assert!(
+        crate::support::cli::metric(&text, "outbox_inbox_processed_total", "consumer=\"demo-totals\"") > 0.0,
+        "the last consumer applied orders, its counter says none: {text}"
+    );
     tokio::time::sleep(Duration::from_secs(1)).await;
     let _ = std::process::Command::new("kill").args(["-TERM", &last.id().to_string()]).status();
     last.wait().unwrap();

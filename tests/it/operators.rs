@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use outbox_relay::outbox::{Outbox, OutboxMessage};
 use uuid::Uuid;
 
-use crate::support::cli::{cli, fails, ok};
+use crate::support::cli::{cli, fails, free_port, http_get, metric, ok};
 use crate::support::kafka::{create_topic, read_topic};
 use crate::support::relay::{config, InProcess};
 use crate::support::workload::wait_until_empty;
@@ -236,31 +236,6 @@ async fn inbox_dead_letters_are_replayed_by_republishing_and_then_applied() {
         count(&c, &s.q("SELECT count(*) FROM __SCHEMA__.audit_log WHERE source = 'inbox' AND action = 'replay'")).await,
         1
     );
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-async fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::time::timeout(Duration::from_secs(2), tokio::net::TcpStream::connect(("127.0.0.1", port)))
-        .await
-        .ok()?
-        .ok()?;
-    s.write_all(format!("GET {path} HTTP/1.1\r\nhost: x\r\n\r\n").as_bytes()).await.ok()?;
-    let mut buf = Vec::new();
-    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf)).await.ok()?.ok()?;
-    let text = String::from_utf8_lossy(&buf).into_owned();
-    let code = text.split_whitespace().nth(1)?.parse().ok()?;
-    Some((code, text))
-}
-
-fn metric(text: &str, name: &str, label: &str) -> f64 {
-    text.lines()
-        .filter(|l| l.starts_with(name) && l.contains(label))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,6 +1,8 @@
-//! The `outbox-relay` binary as an operator runs it: environment set, no terminal.
+//! The `outbox-relay` binary as an operator runs it (environment set, no terminal), and its HTTP
+//! endpoints as a scraper reads them.
 
 use std::process::{Command, Output};
+use std::time::Duration;
 
 use super::{database_url, kafka_brokers};
 
@@ -32,4 +34,32 @@ pub fn fails(out: &Output, says: &str) {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "should fail: {}", String::from_utf8_lossy(&out.stdout));
     assert!(err.contains(says), "error should say {says:?}: {err}");
+}
+
+/// A loopback port nobody listens on now.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// One GET to a local endpoint: the status code and the whole response.
+pub async fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::time::timeout(Duration::from_secs(2), tokio::net::TcpStream::connect(("127.0.0.1", port)))
+        .await
+        .ok()?
+        .ok()?;
+    s.write_all(format!("GET {path} HTTP/1.1\r\nhost: x\r\n\r\n").as_bytes()).await.ok()?;
+    let mut buf = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf)).await.ok()?.ok()?;
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let code = text.split_whitespace().nth(1)?.parse().ok()?;
+    Some((code, text))
+}
+
+/// The sum of the samples of metric `name` whose line contains `label`.
+pub fn metric(text: &str, name: &str, label: &str) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(name) && l.contains(label))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
 }
