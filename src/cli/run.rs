@@ -37,6 +37,10 @@ pub(crate) struct RunArgs {
     /// The most lanes this instance takes (default: an even share of the lanes among live instances).
     #[arg(long, env = "OUTBOX_MAX_LANES")]
     max_lanes: Option<u16>,
+    /// The most PostgreSQL sessions the instance's lanes use (default: one per lane). With fewer,
+    /// each session holds the locks of several lanes and runs their statements one at a time.
+    #[arg(long, env = "OUTBOX_MAX_SESSIONS", value_parser = clap::value_parser!(u16).range(1..))]
+    max_sessions: Option<u16>,
     /// How often the instance heartbeats and rebalances lanes.
     #[arg(long, env = "OUTBOX_HEARTBEAT_INTERVAL", default_value = "1s", value_parser = humantime::parse_duration)]
     heartbeat_interval: Duration,
@@ -139,6 +143,7 @@ fn config(global: &Global, args: RunArgs) -> Result<RelayConfig, CliError> {
     config.max_in_flight = args.max_in_flight as usize;
     config.poll_interval = args.poll_interval;
     config.max_lanes = args.max_lanes;
+    config.max_sessions = args.max_sessions;
     config.heartbeat_interval = args.heartbeat_interval;
     config.instance_timeout = args.instance_timeout;
     config.shutdown_timeout = args.shutdown_timeout;

@@ -31,6 +31,9 @@ pub struct RelayConfig {
     pub poll_interval: Duration,
     /// The most lanes this instance takes (default: its fair share).
     pub max_lanes: Option<u16>,
+    /// The most PostgreSQL sessions its lanes use (default: one per lane). With a budget, one
+    /// session holds the locks of, and runs the statements of, several lanes.
+    pub max_sessions: Option<u16>,
     /// How often the instance heartbeats and rebalances lanes.
     pub heartbeat_interval: Duration,
     /// An instance whose heartbeat is older than this counts as dead.
@@ -92,6 +95,7 @@ impl RelayConfig {
             max_in_flight: 2000,
             poll_interval: Duration::from_secs(1),
             max_lanes: None,
+            max_sessions: None,
             heartbeat_interval: Duration::from_secs(1),
             instance_timeout: Duration::from_secs(5),
             shutdown_timeout: Duration::from_secs(30),

@@ -13,13 +13,16 @@ use tokio_postgres::Client;
 use tokio_util::sync::CancellationToken;
 
 use super::lane::{self, LaneExit};
-use super::lane_session::LaneSession;
+use super::lane_session::{LaneConn, LaneSession};
 use super::listener::reconnect_policy;
 use super::{breaker, lanes, maintenance, sweep, RelayConfig, Shared};
 
 pub(super) struct OwnedLane {
     stop: CancellationToken,
     task: JoinHandle<LaneExit>,
+    /// The session the lane shares with others under `--max-sessions` (none: a session of its
+    /// own, whose end lets go of the lock).
+    shared_session: Option<Arc<LaneConn>>,
 }
 
 pub(super) struct Coordinator {
@@ -28,6 +31,8 @@ pub(super) struct Coordinator {
     lock_class: i32,
     lanes_total: u16,
     owned: BTreeMap<i16, OwnedLane>,
+    /// The sessions lanes share under `--max-sessions`.
+    sessions: Vec<Arc<LaneConn>>,
     registered: bool,
     next_maintenance: tokio::time::Instant,
     pruning: Option<JoinHandle<()>>,
@@ -45,6 +50,7 @@ impl Coordinator {
             lock_class,
             lanes_total,
             owned: BTreeMap::new(),
+            sessions: Vec::new(),
             registered: false,
             next_maintenance: now + shared.config.maintenance_interval,
             pruning: None,
@@ -163,7 +169,9 @@ impl Coordinator {
         let finished: Vec<i16> = self.owned.iter().filter(|(_, l)| l.task.is_finished()).map(|(k, _)| *k).collect();
         for lane in finished {
             let owned = self.owned.remove(&lane).expect("listed");
-            match owned.task.await {
+            let exit = owned.task.await;
+            self.unlock_shared(lane, owned.shared_session).await;
+            match exit {
                 Ok(LaneExit::Released) => {}
                 Ok(LaneExit::SessionLost(why)) => {
                     self.shared.stats.sessions_lost.fetch_add(1, Ordering::Relaxed);
@@ -215,6 +223,10 @@ impl Coordinator {
         // Instances racing for the same free lanes start at different places.
         free.shuffle(&mut rand::rng());
         free.truncate(target.saturating_sub(self.owned.len()));
+        if let Some(budget) = self.shared.config.max_sessions {
+            self.acquire_shared(free, usize::from(budget.max(1))).await;
+            return Ok(());
+        }
         // The sessions open at once: opening them one after another took a relay started on a
         // backlog 4-6 s to reach its 16 lanes, while the first lanes' work slowed every connect.
         // A lane another instance took in the meantime comes back `None`; the next tick tries others.
@@ -237,7 +249,7 @@ impl Coordinator {
                 Ok(Some(session)) => {
                     let stop = CancellationToken::new();
                     let task = tokio::spawn(lane::run_lane(self.shared.clone(), lane, session, stop.clone()));
-                    self.owned.insert(lane, OwnedLane { stop, task });
+                    self.owned.insert(lane, OwnedLane { stop, task, shared_session: None });
                     self.shared.stats.lanes_acquired.fetch_add(1, Ordering::Relaxed);
                     tracing::info!(lane, instance = %cfg.instance_id, "lane acquired");
                 }
@@ -246,6 +258,67 @@ impl Coordinator {
             }
         }
         Ok(())
+    }
+
+    /// Takes `free` lanes on at most `budget` sessions: a new session while below the budget,
+    /// else the one serving the fewest lanes. Each lock is taken on the session that will run the
+    /// lane's statements.
+    async fn acquire_shared(&mut self, free: Vec<i16>, budget: usize) {
+        let cfg = self.shared.config.clone();
+        self.sessions.retain(|c| !c.closed().is_cancelled());
+        for lane in free {
+            let conn = if self.sessions.len() < budget {
+                let name = format!("outbox-relay {} lane session {}", cfg.instance_id, self.sessions.len());
+                let db = cfg.db.clone().with_application_name(&name);
+                match LaneConn::open(&db, &cfg.schema, self.lock_class, cfg.archive, cfg.db_call_timeout).await {
+                    Ok(c) => {
+                        self.sessions.push(c.clone());
+                        c
+                    }
+                    Err(e) => {
+                        tracing::warn!(lane, error = %e, "could not open a lane session; will retry");
+                        return;
+                    }
+                }
+            } else {
+                let load = |c: &Arc<LaneConn>| {
+                    self.owned.values().filter(|o| o.shared_session.as_ref().is_some_and(|s| Arc::ptr_eq(s, c))).count()
+                };
+                self.sessions.iter().min_by_key(|c| load(c)).expect("a budget of at least one").clone()
+            };
+            match LaneSession::try_acquire_on(&conn, lane).await {
+                Ok(Some(session)) => {
+                    let stop = CancellationToken::new();
+                    let task = tokio::spawn(lane::run_lane(self.shared.clone(), lane, session, stop.clone()));
+                    self.owned.insert(lane, OwnedLane { stop, task, shared_session: Some(conn) });
+                    self.shared.stats.lanes_acquired.fetch_add(1, Ordering::Relaxed);
+                    tracing::info!(lane, instance = %cfg.instance_id, sessions = self.sessions.len(), "lane acquired");
+                }
+                Ok(None) => {}
+                Err(e) => tracing::warn!(lane, error = %e, "could not take a lane's lock; will retry"),
+            }
+        }
+    }
+
+    /// After a lane on a shared session ended: lets go of its lock on that session (queued behind
+    /// every statement the lane sent there). A session that is gone leaves the pool (the server
+    /// released its locks); one that cannot let go in time is retired: its other lanes are
+    /// stopped too, so that it closes with the last of them and the server releases the lock.
+    async fn unlock_shared(&mut self, lane: i16, conn: Option<Arc<LaneConn>>) {
+        let Some(conn) = conn else { return };
+        let failed = match conn.closed().is_cancelled() {
+            true => None,
+            false => conn.unlock(lane).await.err(),
+        };
+        if conn.closed().is_cancelled() || failed.is_some() {
+            self.sessions.retain(|c| !Arc::ptr_eq(c, &conn));
+        }
+        if let Some(e) = failed {
+            tracing::warn!(lane, error = %e, "could not let go of a lane's lock; retiring its session and the lanes on it");
+            for o in self.owned.values().filter(|o| o.shared_session.as_ref().is_some_and(|c| Arc::ptr_eq(c, &conn))) {
+                o.stop.cancel();
+            }
+        }
     }
 
     /// Backlog gauges, and the age of the oldest head among this instance's lanes (for /readyz).
@@ -301,6 +374,7 @@ impl Coordinator {
             let (lane, owned) = self.owned.pop_last().expect("more than target");
             owned.stop.cancel();
             let _ = owned.task.await;
+            self.unlock_shared(lane, owned.shared_session).await;
             tracing::info!(lane, instance = %self.shared.config.instance_id, "lane released to balance instances");
         }
     }
@@ -311,6 +385,7 @@ impl Coordinator {
         }
         while let Some((lane, owned)) = self.owned.pop_first() {
             let _ = owned.task.await;
+            self.unlock_shared(lane, owned.shared_session).await;
             tracing::debug!(lane, "lane released");
         }
     }

@@ -1,6 +1,9 @@
-//! One lane's database session: it holds the lane's advisory lock and runs every statement of
-//! that lane, so a lost session loses the lock and the ability to delete at the same moment
-//! (there is never a second owner that could still change the lane's rows).
+//! A lane's database session: it holds the lane's advisory lock and runs every statement of that
+//! lane, so a lost session loses the lock and the ability to delete at the same moment (there is
+//! never a second owner that could still change the lane's rows). Under a session budget one
+//! session serves several lanes and holds each of their locks ([`LaneConn`]).
+
+use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
 use tokio_postgres::{Client, Statement};
@@ -181,17 +184,82 @@ pub struct Claimed {
     pub lane_top: Option<i64>,
 }
 
-/// A lane's session and its prepared statements.
-pub struct LaneSession {
+/// A session lane statements run on, with its prepared statements: a lane's own (the default), or
+/// shared by several lanes of one instance under a session budget (`--max-sessions`). It holds the
+/// advisory lock of every lane it serves; each lane's statements go through it alone, so when it
+/// is gone, every lock it held and every way to change those lanes' rows are gone together.
+pub struct LaneConn {
     client: Client,
     closed: CancellationToken,
-    lane: i16,
+    lock_class: i32,
     call_timeout: std::time::Duration,
     claim: Statement,
     delete: Statement,
     archive: Option<Statement>,
     failures: Statement,
     dead: Statement,
+}
+
+impl LaneConn {
+    /// Opens a session and prepares the lane statements on it.
+    pub async fn open(
+        db: &DbConfig,
+        schema: &SchemaName,
+        lock_class: i32,
+        archive: bool,
+        call_timeout: std::time::Duration,
+    ) -> Result<Arc<Self>, ConnectError> {
+        let (client, closed) = db.connect_watched().await?;
+        let prepared = async {
+            // The lane's own bookkeeping (deletes, archive, attempts, dead letters) need not wait
+            // for the disk: if a crash loses one of these commits, its rows come back and are
+            // delivered again, which at-least-once allows and the inbox absorbs (ARCHITECTURE.md).
+            client.batch_execute("SET synchronous_commit = off").await?;
+            let claim = client.prepare(&schema.qualify(include_str!("../sql/claim.sql"))).await?;
+            // The claim's rows are read by position (the hot path); the names pin the positions.
+            debug_assert_eq!(
+                claim.columns().iter().map(|c| c.name()).collect::<Vec<_>>(),
+                CLAIM_COLUMNS,
+                "claim.sql's columns and ClaimedRow's reads are out of step"
+            );
+            let delete = client.prepare(&schema.qualify(include_str!("../sql/delete_acked.sql"))).await?;
+            let archive = if archive {
+                Some(client.prepare(&schema.qualify(include_str!("../sql/archive_acked.sql"))).await?)
+            } else {
+                None
+            };
+            let failures = client.prepare(&schema.qualify(include_str!("../sql/record_failures.sql"))).await?;
+            let dead = client.prepare(&schema.qualify(include_str!("../sql/dead_letter.sql"))).await?;
+            Ok((claim, delete, archive, failures, dead))
+        };
+        let (claim, delete, archive, failures, dead) = match tokio::time::timeout(call_timeout, prepared).await {
+            Ok(r) => r.map_err(ConnectError::Session)?,
+            Err(_) => return Err(ConnectError::Timeout(call_timeout)),
+        };
+        Ok(Arc::new(Self { client, closed, lock_class, call_timeout, claim, delete, archive, failures, dead }))
+    }
+
+    /// Cancelled when the session is gone (and with it every lock it held).
+    pub fn closed(&self) -> &CancellationToken {
+        &self.closed
+    }
+
+    /// Lets go of `lane`'s lock, once its lane loop has ended: the unlock runs after every
+    /// statement the lane sent on this session (one session runs its statements one at a time).
+    pub async fn unlock(&self, lane: i16) -> Result<(), LaneDbError> {
+        timed(
+            self.call_timeout,
+            self.client.execute("SELECT pg_advisory_unlock($1, $2)", &[&self.lock_class, &i32::from(lane)]),
+        )
+        .await
+        .map(|_| ())
+    }
+}
+
+/// One lane on its session: the statements of that lane.
+pub struct LaneSession {
+    conn: Arc<LaneConn>,
+    lane: i16,
 }
 
 /// The first key of the schema's lane locks (`pg_try_advisory_lock(class, lane)`); operators and
@@ -216,7 +284,8 @@ async fn timed<T>(
 }
 
 impl LaneSession {
-    /// Opens a session and tries to take `lane`'s advisory lock; `None` if another session has it.
+    /// Opens a session of the lane's own and tries to take `lane`'s advisory lock; `None` if
+    /// another session has it.
     pub async fn try_acquire(
         db: &DbConfig,
         schema: &SchemaName,
@@ -225,51 +294,26 @@ impl LaneSession {
         archive: bool,
         call_timeout: std::time::Duration,
     ) -> Result<Option<Self>, ConnectError> {
-        let (client, closed) = db.connect_watched().await?;
-        let session = async {
-            let got: bool = client
-                .query_one(include_str!("../sql/lane_lock_try.sql"), &[&lock_class, &i32::from(lane)])
-                .await?
-                .get("got");
-            if !got {
-                return Ok(None);
-            }
-            // The lane's own bookkeeping (deletes, archive, attempts, dead letters) need not wait
-            // for the disk: if a crash loses one of these commits, its rows come back and are
-            // delivered again, which at-least-once allows and the inbox absorbs (ARCHITECTURE.md).
-            client.batch_execute("SET synchronous_commit = off").await?;
-            let claim = client.prepare(&schema.qualify(include_str!("../sql/claim.sql"))).await?;
-            // The claim's rows are read by position (the hot path); the names pin the positions.
-            debug_assert_eq!(
-                claim.columns().iter().map(|c| c.name()).collect::<Vec<_>>(),
-                CLAIM_COLUMNS,
-                "claim.sql's columns and ClaimedRow's reads are out of step"
-            );
-            let delete = client.prepare(&schema.qualify(include_str!("../sql/delete_acked.sql"))).await?;
-            let archive = if archive {
-                Some(client.prepare(&schema.qualify(include_str!("../sql/archive_acked.sql"))).await?)
-            } else {
-                None
-            };
-            let failures = client.prepare(&schema.qualify(include_str!("../sql/record_failures.sql"))).await?;
-            let dead = client.prepare(&schema.qualify(include_str!("../sql/dead_letter.sql"))).await?;
-            Ok(Some((claim, delete, archive, failures, dead)))
+        let conn = LaneConn::open(db, schema, lock_class, archive, call_timeout).await?;
+        Self::try_acquire_on(&conn, lane).await
+    }
+
+    /// Tries to take `lane`'s advisory lock on `conn`, a session that may hold other lanes too;
+    /// `None` if another session has it.
+    pub async fn try_acquire_on(conn: &Arc<LaneConn>, lane: i16) -> Result<Option<Self>, ConnectError> {
+        let lane_key = i32::from(lane);
+        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 2] = [&conn.lock_class, &lane_key];
+        let lock = conn.client.query_one(include_str!("../sql/lane_lock_try.sql"), &params);
+        let got: bool = match tokio::time::timeout(conn.call_timeout, lock).await {
+            Ok(r) => r.map_err(ConnectError::Session)?.get("got"),
+            Err(_) => return Err(ConnectError::Timeout(conn.call_timeout)),
         };
-        let prepared = match tokio::time::timeout(call_timeout, session).await {
-            Ok(r) => r.map_err(ConnectError::Session)?,
-            Err(_) => return Err(ConnectError::Timeout(call_timeout)),
-        };
-        match prepared {
-            None => Ok(None),
-            Some((claim, delete, archive, failures, dead)) => {
-                Ok(Some(Self { client, closed, lane, call_timeout, claim, delete, archive, failures, dead }))
-            }
-        }
+        Ok(got.then(|| Self { conn: conn.clone(), lane }))
     }
 
     /// Cancelled when the session is gone (and with it the lane's lock).
     pub fn closed(&self) -> &CancellationToken {
-        &self.closed
+        &self.conn.closed
     }
 
     /// The lane's pending rows with sequences `from..=to`, in sequence order, and below `from` the
@@ -278,9 +322,11 @@ impl LaneSession {
     /// keeps the index scan clear of the rows deleted below it, which an old snapshot elsewhere
     /// keeps from being cleaned up.
     pub async fn claim(&self, from: i64, to: i64, limit: i64, looked_below: &[i64]) -> Result<Claimed, LaneDbError> {
-        let rows =
-            timed(self.call_timeout, self.client.query(&self.claim, &[&self.lane, &limit, &from, &to, &looked_below]))
-                .await?;
+        let rows = timed(
+            self.conn.call_timeout,
+            self.conn.client.query(&self.conn.claim, &[&self.lane, &limit, &from, &to, &looked_below]),
+        )
+        .await?;
         let lane_top = rows.first().and_then(|r| r.get::<_, Option<i64>>(15));
         let reply: std::sync::Arc<[tokio_postgres::Row]> = rows.into();
         let rows = reply
@@ -319,8 +365,10 @@ impl LaneSession {
             return Ok(0);
         }
         let seqs: Vec<i64> = acked.iter().map(|a| a.seq).collect();
-        match &self.archive {
-            None => timed(self.call_timeout, self.client.execute(&self.delete, &[&self.lane, &seqs])).await,
+        match &self.conn.archive {
+            None => {
+                timed(self.conn.call_timeout, self.conn.client.execute(&self.conn.delete, &[&self.lane, &seqs])).await
+            }
             Some(stmt) => {
                 let topics: Vec<&str> = acked.iter().map(|a| a.kafka_topic.as_str()).collect();
                 let partitions: Vec<i32> = acked.iter().map(|a| a.partition).collect();
@@ -329,8 +377,8 @@ impl LaneSession {
                 // acknowledgement on the database's clock, not the time of this batched statement.
                 let ack_ages_us: Vec<i64> = acked.iter().map(|a| a.acked_at.elapsed().as_micros() as i64).collect();
                 timed(
-                    self.call_timeout,
-                    self.client.execute(stmt, &[&self.lane, &seqs, &topics, &partitions, &offsets, &ack_ages_us]),
+                    self.conn.call_timeout,
+                    self.conn.client.execute(stmt, &[&self.lane, &seqs, &topics, &partitions, &offsets, &ack_ages_us]),
                 )
                 .await
             }
@@ -345,8 +393,10 @@ impl LaneSession {
         let classes: Vec<&str> = dead.iter().map(|d| d.error_class.as_str()).collect();
         let errors: Vec<&str> = dead.iter().map(|d| d.error.as_str()).collect();
         timed(
-            self.call_timeout,
-            self.client.execute(&self.dead, &[&self.lane, &seqs, &reasons, &classes, &errors, &park, &instance]),
+            self.conn.call_timeout,
+            self.conn
+                .client
+                .execute(&self.conn.dead, &[&self.lane, &seqs, &reasons, &classes, &errors, &park, &instance]),
         )
         .await
     }
@@ -359,12 +409,16 @@ impl LaneSession {
         let seqs: Vec<i64> = failed.iter().map(|f| f.seq).collect();
         let errors: Vec<&str> = failed.iter().map(|f| f.error.as_str()).collect();
         let delays: Vec<i64> = failed.iter().map(|f| f.delay_ms).collect();
-        timed(self.call_timeout, self.client.execute(&self.failures, &[&self.lane, &seqs, &errors, &delays])).await
+        timed(
+            self.conn.call_timeout,
+            self.conn.client.execute(&self.conn.failures, &[&self.lane, &seqs, &errors, &delays]),
+        )
+        .await
     }
 
     /// The session, for statements of later stages (dead letters).
     pub fn client(&self) -> &Client {
-        &self.client
+        &self.conn.client
     }
 }
 

@@ -1,8 +1,9 @@
 //! The relay daemon: tails the outbox and publishes every committed row to Kafka at least once,
 //! in per-key order.
 //!
-//! An instance owns lanes. Each owned lane has a database session of its own that holds the
-//! lane's advisory lock and runs every statement of that lane ([`lane_session::LaneSession`]); a
+//! An instance owns lanes. Each owned lane has a database session that holds the lane's advisory
+//! lock and runs every statement of that lane ([`lane_session::LaneSession`]): a session of its
+//! own, or under `--max-sessions` one shared with other lanes of the instance; a
 //! lane loop ([`lane`]) claims the lane's pending rows in sequence order from its cursor
 //! ([`lanes`]), produces the batch pipelined, awaits the acknowledgements and deletes what was
 //! acknowledged. The [`coordinator`] heartbeats the instance, takes or lets go of lanes so that each
@@ -17,7 +18,7 @@
 //! | `settle.rs` | what outcomes mean: delete what was acknowledged; retry, dead-letter or leave what failed |
 //! | `deliver.rs` | a lane's window of records in flight and their outcomes |
 //! | `completions.rs` | deleting acknowledged rows beside the lane's claims |
-//! | `lane_session.rs` | a lane's session and its statements |
+//! | `lane_session.rs` | a lane's session (its own or shared) and its statements |
 //! | `lanes.rs` | wake-ups and claim ranges shared between listener, sweep and lane loops |
 //! | `listener.rs` | the LISTEN session |
 //! | `sweep.rs` | the look below the lanes' cursors for rows no NOTIFY announced |

@@ -233,6 +233,81 @@ async fn three_instances_share_lanes_and_take_over_a_killed_ones() {
     assert_eq!(f.order_violations, 0);
 }
 
+/// Sessions per instance that hold lane locks: instance -> distinct backend pids.
+async fn lock_sessions(c: &tokio_postgres::Client, s: &TestSchema) -> HashMap<String, usize> {
+    let class = i64::from(outbox_relay::relay::lane_session::lane_lock_class(c, &s.name).await.unwrap());
+    let rows = c
+        .query(
+            "SELECT coalesce(a.application_name, ''), count(DISTINCT l.pid)
+             FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
+             WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 2 AND l.classid = $1::bigint::oid
+             GROUP BY 1",
+            &[&class],
+        )
+        .await
+        .unwrap();
+    let mut out: HashMap<String, usize> = HashMap::new();
+    for r in rows {
+        *out.entry(instance_of(r.get(0))).or_default() += r.get::<_, i64>(1) as usize;
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lanes_on_a_session_budget_are_balanced_let_go_and_taken_over() {
+    const LANES: u16 = 16;
+    const IN_FLIGHT: usize = 400;
+    let s = Arc::new(TestSchema::new(LANES).await);
+    let topic = create_topic("relay-budget", 4).await;
+    let args = ["--batch-size", "200", "--max-in-flight", "400", "--max-sessions", "2"];
+    let c = connect().await;
+    // One instance takes every lane on two sessions.
+    let mut first = RelayProcess::start(&s.name, &args);
+    let start = Instant::now();
+    wait_for_spread(&c, &s, LANES, 1, start, "one instance did not take all lanes").await;
+    let sessions_alone = lock_sessions(&c, &s).await;
+    assert!(sessions_alone.values().all(|n| *n <= 2), "more than 2 lock sessions: {sessions_alone:?}");
+
+    let topic_w = topic.clone();
+    let sw = s.clone();
+    let writers = tokio::spawn(async move { write_concurrently(&sw, &topic_w, 4, 4_000).await });
+    // A second one: the first lets go of half its lanes on sessions that stay open (unlock),
+    // the second takes them.
+    let mut second = RelayProcess::start(&s.name, &args);
+    let joined = Instant::now();
+    wait_for_spread(&c, &s, LANES, 2, joined, "lanes not shared by the two instances").await;
+    let balanced = joined.elapsed();
+    let sessions_two = lock_sessions(&c, &s).await;
+    assert!(sessions_two.values().all(|n| *n <= 2), "more than 2 lock sessions: {sessions_two:?}");
+    let holders = lane_holders(&c, &s).await;
+    assert!(holders.values().all(|h| h.len() == 1), "a lane with two holders: {holders:?}");
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    first.kill9();
+    let killed_at = Instant::now();
+    wait_for_spread(&c, &s, LANES, 1, killed_at, "the killed instance's lanes were not taken over").await;
+    let takeover = killed_at.elapsed();
+    let sessions_after = lock_sessions(&c, &s).await;
+    assert!(sessions_after.values().all(|n| *n <= 2), "more than 2 lock sessions: {sessions_after:?}");
+    let committed = writers.await.unwrap();
+    wait_until_empty(&s, Duration::from_secs(180)).await;
+    assert_eq!(second.terminate(Duration::from_secs(30)), Some(0));
+
+    let received = read_topic(&topic, committed.len(), Duration::from_secs(120));
+    let f = figures(&committed, &received);
+    let bound = (LANES as usize / 2) * IN_FLIGHT;
+    println!(
+        "figures: lock sessions alone {sessions_alone:?}, two instances {sessions_two:?} (balanced in {balanced:?}), \
+         after the kill {sessions_after:?} (takeover {takeover:?}); committed {}, distinct {}, duplicates {} (bound \
+         {bound}), lost {}, order violations {}",
+        f.committed, f.distinct, f.duplicates, f.lost, f.order_violations
+    );
+    assert_eq!(f.committed, 16_000);
+    assert_eq!(f.lost, 0);
+    assert_eq!(f.distinct, f.committed);
+    assert!(f.duplicates <= bound, "duplicates {} above the killed instance's in-flight bound {bound}", f.duplicates);
+    assert_eq!(f.order_violations, 0);
+}
+
 /// One transaction takes its sequence number first (a row of `late-key`) and stays open while
 /// `later` rows of seven other keys commit and go out; then it commits (`without_notify`: with
 /// triggers off, as a logical-replication apply writes) and the outbox drains. Returns every
