@@ -134,6 +134,8 @@ impl Ctx {
         c.producer.properties.extend(tuning_properties());
         c.heartbeat_interval = Duration::from_millis(300);
         c.instance_timeout = Duration::from_secs(3);
+        // BENCH_MAX_SESSIONS: the relay's lanes on that many sessions (`--max-sessions`).
+        c.max_sessions = std::env::var("BENCH_MAX_SESSIONS").ok().and_then(|v| v.parse().ok());
         c
     }
 }

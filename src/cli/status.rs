@@ -80,19 +80,20 @@ pub(crate) async fn run(global: &Global, args: StatusArgs) -> Result<(), CliErro
         false => println!("last reconciliation per consumer:"),
     }
     for r in &s.reconciliations {
+        let f = &r.found;
         println!(
             "  {:<24} {} ago, window {} to {}: {} delivered, {} processed, {} dead-lettered, {} in flight, {} missing{}, {} unknown",
-            r.consumer,
+            f.consumer,
             humantime::format_duration(Duration::from_secs(r.age_seconds.max(0.0) as u64)),
             r.since.format("%Y-%m-%d %H:%M"),
             r.until.format("%Y-%m-%d %H:%M"),
-            r.delivered,
-            r.processed,
-            r.dead_lettered,
-            r.in_flight,
-            r.missing,
-            r.oldest_missing_at.map(|t| format!(" (oldest delivered {})", t.format("%Y-%m-%d %H:%M:%S"))).unwrap_or_default(),
-            r.unknown
+            f.delivered,
+            f.processed,
+            f.dead_lettered,
+            f.in_flight,
+            f.missing,
+            f.oldest_missing_at.map(|t| format!(" (oldest delivered {})", t.format("%Y-%m-%d %H:%M:%S"))).unwrap_or_default(),
+            f.unknown
         );
     }
     println!("parked keys: {}", s.parked_keys.len());

@@ -460,8 +460,6 @@ pub async fn record(outbox: &Client, schema: &SchemaName, r: &Reconciliation, ac
 /// The newest reconciliation of one consumer.
 #[derive(Debug, Clone, Serialize)]
 pub struct LastReconciliation {
-    /// The consumer.
-    pub consumer: String,
     /// When it ran.
     pub at: DateTime<Utc>,
     /// How long ago, in seconds.
@@ -470,20 +468,9 @@ pub struct LastReconciliation {
     pub since: DateTime<Utc>,
     /// Its window's end.
     pub until: DateTime<Utc>,
-    /// What it found.
-    pub delivered: i64,
-    /// Processed.
-    pub processed: i64,
-    /// Dead-lettered by the consumer.
-    pub dead_lettered: i64,
-    /// In flight.
-    pub in_flight: i64,
-    /// Missing.
-    pub missing: i64,
-    /// Unknown.
-    pub unknown: i64,
-    /// When the oldest missing message was delivered.
-    pub oldest_missing_at: Option<DateTime<Utc>>,
+    /// What it found (topic `*`: every topic).
+    #[serde(flatten)]
+    pub found: Tally,
 }
 
 /// The newest reconciliation of each consumer (none before the first run).
@@ -495,18 +482,21 @@ pub async fn last_reconciliations(
     Ok(rows
         .iter()
         .map(|r| LastReconciliation {
-            consumer: r.get("consumer"),
             at: r.get("at"),
             age_seconds: r.get("age_s"),
             since: r.get("since"),
             until: r.get("until"),
-            delivered: r.get("delivered"),
-            processed: r.get("processed"),
-            dead_lettered: r.get("dead_lettered"),
-            in_flight: r.get("in_flight"),
-            missing: r.get("missing"),
-            unknown: r.get("unknown"),
-            oldest_missing_at: r.get("oldest_missing_at"),
+            found: Tally {
+                consumer: r.get("consumer"),
+                topic: "*".into(),
+                delivered: r.get("delivered"),
+                processed: r.get("processed"),
+                dead_lettered: r.get("dead_lettered"),
+                in_flight: r.get("in_flight"),
+                missing: r.get("missing"),
+                unknown: r.get("unknown"),
+                oldest_missing_at: r.get("oldest_missing_at"),
+            },
         })
         .collect())
 }

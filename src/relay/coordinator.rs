@@ -351,7 +351,11 @@ impl Coordinator {
         let age = oldest.as_ref().and_then(|h| h.age_seconds).unwrap_or(0.0).max(0.0);
         crate::telemetry::queue_health(dead, Duration::from_secs_f64(age));
         for r in crate::ops::reconcile::last_reconciliations(control, &schema).await? {
-            crate::telemetry::reconciliation(&r.consumer, r.missing, Duration::from_secs_f64(r.age_seconds.max(0.0)));
+            crate::telemetry::reconciliation(
+                &r.found.consumer,
+                r.found.missing,
+                Duration::from_secs_f64(r.age_seconds.max(0.0)),
+            );
         }
         match oldest {
             Some(h) if age > warn_after.as_secs_f64() => {

@@ -194,35 +194,13 @@ async fn reconcile_finds_exactly_the_skipped_messages_and_replaying_them_makes_i
     fails(&cli(&["reconcile", "--schema", empty.name.as_str(), "--consumer", "billing"]), "run --archive");
 
     // A dry run sends nothing; the replay re-publishes the six, and the consumer applies them.
-    let dry = ok(&cli(&[
-        "reconcile",
-        "--schema",
-        schema,
-        "--consumer",
-        "billing",
-        "--since",
-        "1h",
-        "--grace",
-        "0s",
-        "--replay-missing",
-        "--dry-run",
-    ]));
+    let replay = |extra: &[&str]| {
+        let base = ["reconcile", "--schema", schema, "--consumer", "billing", "--since", "1h", "--grace", "0s"];
+        ok(&cli(&[&base[..], &["--replay-missing"], extra].concat()))
+    };
+    let dry = replay(&["--dry-run"]);
     assert!(dry.contains("would re-publish 6"), "{dry}");
-    let replayed = ok(&cli(&[
-        "reconcile",
-        "--schema",
-        schema,
-        "--consumer",
-        "billing",
-        "--since",
-        "1h",
-        "--grace",
-        "0s",
-        "--replay-missing",
-        "--yes",
-        "--why",
-        "test",
-    ]));
+    let replayed = replay(&["--yes", "--why", "test"]);
     assert!(replayed.contains("re-published 6"), "{replayed}");
     let (cr, sql) = (&c, &s.q("SELECT count(*) FROM __SCHEMA__.inbox WHERE consumer = 'billing'"));
     let want = N - dead.len() + 1;
