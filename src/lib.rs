@@ -13,7 +13,7 @@
 //! - [`health`] (feature `relay`): `/metrics`, `/healthz`, `/readyz`.
 //! - [`horizon`]: queue health: who holds back PostgreSQL's cleanup of the outbox.
 //! - [`ops`] (feature `relay`): what the operator commands read and change: dead letters,
-//!   status, trace; every change with an audit row.
+//!   status, trace, reconciliation; every change with an audit row.
 //! - [`inbox`] (feature `inbox`): exactly-once effects; record a message id with the effect.
 //! - [`consumer`] (feature `consumer`): a consumer runner around rdkafka using the inbox.
 //! - [`relay`] (feature `relay`): the daemon. Its module docs list one file per concern; the lane
