@@ -224,10 +224,8 @@ async fn replay_missing(
     let reader: BaseConsumer = cfg.create()?;
     let (mut done, mut gone) = (0usize, Vec::new());
     for (n, m) in todo.iter().enumerate() {
-        let fetched = {
-            let (reader_ref, m) = (&reader, (*m).clone());
-            tokio::task::block_in_place(move || fetch(reader_ref, &m))
-        };
+        // Reading back blocks on librdkafka's poll: off the runtime's worker.
+        let fetched = tokio::task::block_in_place(|| fetch(&reader, m));
         let record = match fetched {
             Ok(rec) => rec,
             Err(why) => {
