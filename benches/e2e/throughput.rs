@@ -97,9 +97,15 @@ pub(super) async fn claim_delete_rate(ctx: &Ctx, s: &SchemaName, lanes: i16) -> 
 struct CountingContext {
     acked: std::sync::atomic::AtomicU64,
     failed: std::sync::atomic::AtomicU64,
+    /// Bytes sent to the brokers so far, from librdkafka's statistics (when they are on).
+    tx_bytes: std::sync::atomic::AtomicI64,
 }
 
-impl ClientContext for CountingContext {}
+impl ClientContext for CountingContext {
+    fn stats(&self, statistics: rdkafka::Statistics) {
+        self.tx_bytes.store(statistics.tx_bytes, Ordering::Relaxed);
+    }
+}
 
 impl ProducerContext for CountingContext {
     type DeliveryOpaque = ();
@@ -112,12 +118,15 @@ impl ProducerContext for CountingContext {
 }
 
 /// Raw broker: the same records (envelope headers included) from one thread, pipelined, reports
-/// by callback, no PostgreSQL.
-pub(super) async fn produce_rate(ctx: &Ctx, topic: &str, payloads: Arc<Vec<Vec<u8>>>) -> Res<Rate> {
+/// by callback, no PostgreSQL. Also returns the bytes sent to the broker per record (requests
+/// included, so after compression).
+pub(super) async fn produce_rate(ctx: &Ctx, topic: &str, payloads: Arc<Vec<Vec<u8>>>) -> Res<(Rate, f64)> {
+    let mut properties = ctx.tuning_properties();
+    properties.push(("statistics.interval.ms".into(), "500".into()));
     let settings = outbox_relay::relay::kafka::ProducerSettings {
         brokers: ctx.brokers.clone(),
         message_timeout: Duration::from_secs(30),
-        properties: tuning_properties(),
+        properties,
     };
     let producer: Arc<ThreadedProducer<CountingContext>> =
         Arc::new(settings.client_config()?.create_with_context(CountingContext::default())?);
@@ -153,7 +162,11 @@ pub(super) async fn produce_rate(ctx: &Ctx, topic: &str, payloads: Arc<Vec<Vec<u
     if ctx_ref.failed.load(Ordering::Relaxed) > 0 {
         return Err(format!("{} records failed in produce-alone", ctx_ref.failed.load(Ordering::Relaxed)).into());
     }
-    Ok(rate)
+    // One more statistics tick after the flush counts the last requests.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let per_record =
+        ctx_ref.tx_bytes.load(Ordering::Relaxed) as f64 / ctx_ref.acked.load(Ordering::Relaxed).max(1) as f64;
+    Ok((rate, per_record))
 }
 
 /// A row the envelope can be built from (for produce-alone).
@@ -237,7 +250,7 @@ pub(super) async fn throughput(ctx: &mut Ctx) -> Res<f64> {
             let cd = claim_delete_rate(ctx, &s, 16).await?;
             ctx.forget(&s, &[]).await?;
             let prod_topic = ctx.topic(&format!("prod{size}r{run}"), 4).await?;
-            let prod = produce_rate(ctx, &prod_topic, sample.clone()).await?;
+            let (prod, _) = produce_rate(ctx, &prod_topic, sample.clone()).await?;
             ctx.delete_topics(&[&prod_topic]).await?;
             let s2 = ctx.schema(&format!("relay{size}r{run}"), 16).await?;
             preload(ctx, &s2, &topic, rows_for(ctx, prod.per_s.min(cd.per_s) * 1.1), size).await?;
@@ -263,6 +276,67 @@ pub(super) async fn throughput(ctx: &mut Ctx) -> Res<f64> {
     }
     ctx.say("\n(* the rows ran out before the window ended: the rate is over the time they lasted.)");
     Ok(peak)
+}
+
+/// Payloads as the relay would send them: `n` rows of `size`-byte order JSON, read back from a
+/// scratch schema.
+async fn sample_payloads(ctx: &Ctx, size: usize, n: usize) -> Res<Arc<Vec<Vec<u8>>>> {
+    let probe = ctx.schema(&format!("sample{size}"), 1).await?;
+    preload(ctx, &probe, "sample", n, size).await?;
+    let rows = ctx.db.connect().await?.query(&probe.qualify("SELECT payload FROM __SCHEMA__.messages"), &[]).await?;
+    ctx.forget(&probe, &[]).await?;
+    Ok(Arc::new(rows.iter().map(|r| r.get(0)).collect()))
+}
+
+/// Section 10: the producer's `compression.type` (none, lz4, zstd) on order JSON at 200 B and
+/// 2 KiB: produce alone (rate, bytes sent per record) and the relay draining a backlog, the
+/// codecs interleaved within each of three rounds so that the machine's drift hits them alike.
+pub(super) async fn compression(ctx: &mut Ctx) -> Res<()> {
+    ctx.say(&format!(
+        "\n## 10. Compression (16 lanes, 4 partitions; rates over {:.0} s after 1 s of warm-up; median of 3 rounds, spread)\n",
+        ctx.window.as_secs_f64()
+    ));
+    ctx.say("| payload | compression.type | produce alone (msg/s) | bytes sent per record | relay (msg/s) | relay vs none, median (3 rounds) |");
+    ctx.say("|---|---|---|---|---|---|");
+    const CODECS: [&str; 3] = ["none", "lz4", "zstd"];
+    for (size, guess) in [(200usize, 60_000.0f64), (2048, 30_000.0)] {
+        let sample = sample_payloads(ctx, size, 1000).await?;
+        let mean = sample.iter().map(Vec::len).sum::<usize>() / sample.len().max(1);
+        // runs[codec][round] = (produce alone, bytes per record, relay)
+        let mut runs: Vec<Vec<(Rate, f64, Rate)>> = vec![Vec::new(); CODECS.len()];
+        let mut guess = [guess; 3];
+        for round in 0..3 {
+            for (i, codec) in CODECS.iter().enumerate() {
+                ctx.codec = Some(codec.to_string());
+                let prod_topic = ctx.topic(&format!("cprod{size}{codec}r{round}"), 4).await?;
+                let (prod, bytes) = produce_rate(ctx, &prod_topic, sample.clone()).await?;
+                ctx.delete_topics(&[&prod_topic]).await?;
+                let s = ctx.schema(&format!("crelay{size}{codec}r{round}"), 16).await?;
+                let topic = ctx.topic(&format!("crelay{size}{codec}r{round}"), 4).await?;
+                preload(ctx, &s, &topic, rows_for(ctx, guess[i] * 1.2), size).await?;
+                ctx.quiesce().await?;
+                let rl = relay_rate(ctx, &s, 1).await?;
+                ctx.forget(&s, &[&topic]).await?;
+                guess[i] = rl.per_s;
+                eprintln!("compression {size} B {codec} round {round}: produce {prod} msg/s, {bytes:.0} B/record, relay {rl} msg/s");
+                runs[i].push((prod, bytes, rl));
+            }
+        }
+        ctx.codec = None;
+        for (i, codec) in CODECS.iter().enumerate() {
+            let vs_none: Vec<f64> = (0..3).map(|r| runs[i][r].2.per_s / runs[0][r].2.per_s).collect();
+            let mut sorted = vs_none.clone();
+            sorted.sort_by(f64::total_cmp);
+            let (prod, plo, phi) = median_of_3(runs[i].clone(), |r| r.0.per_s);
+            let (rl, rlo, rhi) = median_of_3(runs[i].clone(), |r| r.2.per_s);
+            let (by, _, _) = median_of_3(runs[i].clone(), |r| r.1);
+            ctx.say(&format!(
+                "| {size} B (mean {mean} B) | {codec} | {} ({plo:.0}–{phi:.0}) | {:.0} | {} ({rlo:.0}–{rhi:.0}) | **{:.2}** ({:.2}–{:.2}) |",
+                prod.0, by.1, rl.2, sorted[1], sorted[0], sorted[2]
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Section 5: 1, 2 and 4 relay instances on one database.
