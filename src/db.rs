@@ -155,6 +155,11 @@ impl DbConfig {
         format!("{host}:{port}/{}", self.config.get_dbname().unwrap_or(""))
     }
 
+    /// The user it logs in as, if the URL names one.
+    pub fn user(&self) -> Option<&str> {
+        self.config.get_user()
+    }
+
     /// Opens a session; its connection task runs on the current tokio runtime and ends with it.
     pub async fn connect(&self) -> Result<Client, ConnectError> {
         Ok(self.connect_watched().await?.0)
@@ -167,19 +172,20 @@ impl DbConfig {
         Ok((client, closed))
     }
 
-    /// Opens a session that LISTENs on `channel`; the receiver yields each notification's payload
-    /// and ends when the session is gone.
-    pub async fn listen(&self, channel: &str) -> Result<(Client, mpsc::UnboundedReceiver<String>), ConnectError> {
+    /// Opens a session that LISTENs on `channels`; the receiver yields each notification's
+    /// channel and payload, and ends when the session is gone. [`listen_statement`] follows
+    /// another channel on it.
+    pub async fn listen(&self, channels: &[String]) -> Result<(Client, mpsc::UnboundedReceiver<Note>), ConnectError> {
         let (client, _, notes) = self.open(true).await?;
-        let quoted = channel.replace('"', "\"\"");
-        client.batch_execute(&format!("LISTEN \"{quoted}\"")).await.map_err(ConnectError::Session)?;
+        let all: String = channels.iter().map(|c| listen_statement(c)).collect();
+        client.batch_execute(&all).await.map_err(ConnectError::Session)?;
         Ok((client, notes.expect("asked for notifications")))
     }
 
     async fn open(
         &self,
         notifications: bool,
-    ) -> Result<(Client, CancellationToken, Option<mpsc::UnboundedReceiver<String>>), ConnectError> {
+    ) -> Result<(Client, CancellationToken, Option<mpsc::UnboundedReceiver<Note>>), ConnectError> {
         // The driver's connect_timeout covers the TCP connect only; a peer that accepts and then
         // says nothing (a blackholed path) must not hang the caller either.
         let limit = self.config.get_connect_timeout().copied().unwrap_or(DEFAULT_CONNECT_TIMEOUT) * 2;
@@ -192,7 +198,7 @@ impl DbConfig {
     async fn open_inner(
         &self,
         notifications: bool,
-    ) -> Result<(Client, CancellationToken, Option<mpsc::UnboundedReceiver<String>>), ConnectError> {
+    ) -> Result<(Client, CancellationToken, Option<mpsc::UnboundedReceiver<Note>>), ConnectError> {
         let closed = CancellationToken::new();
         let (tx, rx) = if notifications {
             let (tx, rx) = mpsc::unbounded_channel();
@@ -230,7 +236,7 @@ impl DbConfig {
     async fn connect_tls(
         &self,
         closed: CancellationToken,
-        notes: Option<mpsc::UnboundedSender<String>>,
+        notes: Option<mpsc::UnboundedSender<Note>>,
     ) -> Result<Client, ConnectError> {
         use openssl::ssl::{SslConnector, SslMethod, SslVerifyMode};
         let mut builder =
@@ -260,7 +266,7 @@ impl DbConfig {
     async fn connect_tls(
         &self,
         _closed: CancellationToken,
-        _notes: Option<mpsc::UnboundedSender<String>>,
+        _notes: Option<mpsc::UnboundedSender<Note>>,
     ) -> Result<Client, ConnectError> {
         Err(ConnectError::Tls(
             "this build has no TLS support: enable the `relay` feature or use sslmode=disable".into(),
@@ -272,7 +278,7 @@ impl DbConfig {
 async fn drive<S, T>(
     mut conn: tokio_postgres::Connection<S, T>,
     closed: CancellationToken,
-    notes: Option<mpsc::UnboundedSender<String>>,
+    notes: Option<mpsc::UnboundedSender<Note>>,
 ) where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
     T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
@@ -281,7 +287,7 @@ async fn drive<S, T>(
         match std::future::poll_fn(|cx| conn.poll_message(cx)).await {
             Some(Ok(tokio_postgres::AsyncMessage::Notification(n))) => {
                 if let Some(tx) = &notes {
-                    let _ = tx.send(n.payload().to_owned());
+                    let _ = tx.send(Note { channel: n.channel().to_owned(), payload: n.payload().to_owned() });
                 }
             }
             Some(Ok(_)) => {}
@@ -293,6 +299,20 @@ async fn drive<S, T>(
         }
     }
     closed.cancel();
+}
+
+/// A NOTIFY: its channel and payload.
+#[derive(Debug)]
+pub struct Note {
+    /// The channel.
+    pub channel: String,
+    /// The payload.
+    pub payload: String,
+}
+
+/// The statement that LISTENs on `channel` (quoted as an identifier).
+pub fn listen_statement(channel: &str) -> String {
+    format!("LISTEN \"{}\";", channel.replace('"', "\"\""))
 }
 
 /// Takes `sslmode` and `sslrootcert` out of a URL or key=value string.

@@ -6,8 +6,9 @@
 //!   and no owned lane's head is older than `--stuck-threshold`; otherwise 503 and the reasons.
 //! - `/metrics`: the Prometheus text format.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
@@ -15,32 +16,41 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-/// What `/readyz` looks at.
+/// What `/readyz` looks at: the broker and the breaker, which every outbox of the instance shares,
+/// and per outbox the last heartbeat, the lanes owned and the oldest owned head.
 #[derive(Debug)]
 pub struct Health {
-    db_ok: AtomicBool,
     broker_ok: AtomicBool,
     breaker_open: AtomicBool,
-    lanes: AtomicUsize,
-    oldest_head_ms: AtomicU64,
+    outboxes: Mutex<HashMap<String, OutboxHealth>>,
     stuck_threshold: Duration,
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+struct OutboxHealth {
+    db_ok: bool,
+    lanes: usize,
+    oldest_head: Duration,
 }
 
 impl Health {
     /// Nothing known yet: not ready.
     pub fn new(stuck_threshold: Duration) -> Self {
         Self {
-            db_ok: AtomicBool::new(false),
             broker_ok: AtomicBool::new(false),
             breaker_open: AtomicBool::new(false),
-            lanes: AtomicUsize::new(0),
-            oldest_head_ms: AtomicU64::new(0),
+            outboxes: Mutex::new(HashMap::new()),
             stuck_threshold,
         }
     }
 
-    pub(crate) fn set_db_ok(&self, ok: bool) {
-        self.db_ok.store(ok, Ordering::Relaxed);
+    fn outbox(&self, outbox: &str, f: impl FnOnce(&mut OutboxHealth)) {
+        let mut all = self.outboxes.lock().expect("health lock");
+        f(all.entry(outbox.to_owned()).or_default());
+    }
+
+    pub(crate) fn set_db_ok(&self, outbox: &str, ok: bool) {
+        self.outbox(outbox, |o| o.db_ok = ok);
     }
 
     pub(crate) fn set_broker_ok(&self, ok: bool) {
@@ -51,19 +61,29 @@ impl Health {
         self.breaker_open.store(open, Ordering::Relaxed);
     }
 
-    pub(crate) fn set_lanes(&self, n: usize) {
-        self.lanes.store(n, Ordering::Relaxed);
+    pub(crate) fn set_lanes(&self, outbox: &str, n: usize) {
+        self.outbox(outbox, |o| o.lanes = n);
     }
 
-    pub(crate) fn set_oldest_head(&self, age: Duration) {
-        self.oldest_head_ms.store(age.as_millis() as u64, Ordering::Relaxed);
+    pub(crate) fn set_oldest_head(&self, outbox: &str, age: Duration) {
+        self.outbox(outbox, |o| o.oldest_head = age);
+    }
+
+    /// Forgets an outbox the instance stopped serving.
+    pub(crate) fn forget(&self, outbox: &str) {
+        self.outboxes.lock().expect("health lock").remove(outbox);
     }
 
     /// Ready, or the reasons it is not.
     pub fn readiness(&self) -> Result<(), Vec<String>> {
         let mut why = Vec::new();
-        if !self.db_ok.load(Ordering::Relaxed) {
-            why.push("database: the last heartbeat failed".to_owned());
+        let all = self.outboxes.lock().expect("health lock").clone();
+        let mut failing: Vec<&str> = all.iter().filter(|(_, o)| !o.db_ok).map(|(k, _)| k.as_str()).collect();
+        failing.sort_unstable();
+        if all.is_empty() {
+            why.push("database: no outbox served yet".to_owned());
+        } else if !failing.is_empty() {
+            why.push(format!("database: the last heartbeat failed ({})", failing.join(", ")));
         }
         if !self.broker_ok.load(Ordering::Relaxed) {
             why.push("broker: no answer to a metadata request".to_owned());
@@ -71,12 +91,13 @@ impl Health {
         if self.breaker_open.load(Ordering::Relaxed) {
             why.push("breaker: open".to_owned());
         }
-        if self.lanes.load(Ordering::Relaxed) == 0 {
+        if all.values().map(|o| o.lanes).sum::<usize>() == 0 {
             why.push("lanes: none owned".to_owned());
         }
-        let head = Duration::from_millis(self.oldest_head_ms.load(Ordering::Relaxed));
-        if head > self.stuck_threshold {
-            why.push(format!("stuck: an owned lane's head is {}s old", head.as_secs()));
+        if let Some((name, o)) = all.iter().max_by_key(|(_, o)| o.oldest_head) {
+            if o.oldest_head > self.stuck_threshold {
+                why.push(format!("stuck: an owned lane's head is {}s old ({name})", o.oldest_head.as_secs()));
+            }
         }
         if why.is_empty() {
             Ok(())

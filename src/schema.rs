@@ -24,7 +24,7 @@ pub const DEFAULT_MAX_PAYLOAD_BYTES: usize = 1_000_000;
 ///
 /// Lowercase ASCII letters, digits and `_`, starting with a letter or `_`, at most 48 characters
 /// (the NOTIFY channel `outbox_relay.<schema>` must fit PostgreSQL's 63-byte identifiers).
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct SchemaName(String);
 
 /// A schema name that cannot be used.

@@ -19,9 +19,13 @@
 //! 8. The consumer's share: commit→effect through the inbox consumer at 1,000/s and at half the
 //!    peak.
 //! 9. Reconciliation: `reconcile` of 1,000,000 archived deliveries against one consumer.
+//! 10. Compression: the producer's `compression.type` (none, lz4, zstd) on order JSON, produce
+//!     alone and relay.
+//! 11. Many outboxes: 200 tenant schemas on two instances with a session budget; a single row in
+//!     an idle tenant while another drains a backlog.
 //!
 //! This file holds the shared pieces (services, schemas, payloads, paced writers) and `main`;
-//! `throughput.rs` sections 1 and 5, `latency.rs` 2, 3 and 6, `inbox.rs` 4, `held.rs` 7, `reconcile.rs` 9.
+//! `throughput.rs` sections 1, 5 and 10, `latency.rs` 2, 3 and 6, `inbox.rs` 4, `held.rs` 7, `reconcile.rs` 9, `fleet.rs` 11.
 
 #![allow(missing_docs)]
 
@@ -50,6 +54,7 @@ use uuid::Uuid;
 
 type Res<T> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
 
+mod fleet;
 mod held;
 mod inbox;
 mod latency;
@@ -64,6 +69,9 @@ struct Ctx {
     window: Duration,
     out: String,
     run_id: String,
+    /// The producer's `compression.type` for the section running (section 10), over
+    /// BENCH_COMPRESSION.
+    codec: Option<String>,
 }
 
 impl Ctx {
@@ -131,7 +139,7 @@ impl Ctx {
 
     fn relay_config(&self, s: &SchemaName) -> RelayConfig {
         let mut c = RelayConfig::new(self.db.clone(), s.clone(), self.brokers.clone());
-        c.producer.properties.extend(tuning_properties());
+        c.producer.properties.extend(self.tuning_properties());
         c.heartbeat_interval = Duration::from_millis(300);
         c.instance_timeout = Duration::from_secs(3);
         // BENCH_MAX_SESSIONS: the relay's lanes on that many sessions (`--max-sessions`).
@@ -140,18 +148,20 @@ impl Ctx {
     }
 }
 
-/// Producer settings a tuning run tries instead of the relay's defaults, for the relay and for the
-/// produce-alone baseline alike: BENCH_LINGER_MS (`linger.ms`), BENCH_COMPRESSION
-/// (`compression.type`).
-fn tuning_properties() -> Vec<(String, String)> {
-    let mut p = Vec::new();
-    if let Ok(l) = std::env::var("BENCH_LINGER_MS") {
-        p.push(("linger.ms".into(), l));
+impl Ctx {
+    /// Producer settings a tuning run tries instead of the relay's defaults, for the relay and for
+    /// the produce-alone baseline alike: BENCH_LINGER_MS (`linger.ms`), BENCH_COMPRESSION
+    /// (`compression.type`, unless the section sets its own codec).
+    fn tuning_properties(&self) -> Vec<(String, String)> {
+        let mut p = Vec::new();
+        if let Ok(l) = std::env::var("BENCH_LINGER_MS") {
+            p.push(("linger.ms".into(), l));
+        }
+        if let Some(c) = self.codec.clone().or_else(|| std::env::var("BENCH_COMPRESSION").ok()) {
+            p.push(("compression.type".into(), c));
+        }
+        p
     }
-    if let Ok(c) = std::env::var("BENCH_COMPRESSION") {
-        p.push(("compression.type".into(), c));
-    }
-    p
 }
 
 /// An order event as JSON of about `size` bytes: ids, amounts, a currency, a time, a short hash
@@ -384,7 +394,7 @@ async fn main() -> Res<()> {
     let run_id =
         format!("{:x}", std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs() % 0xfffff);
     let window = Duration::from_secs(if short { 3 } else { 10 });
-    let mut ctx = Ctx { db, brokers, short, window, out: String::new(), run_id };
+    let mut ctx = Ctx { db, brokers, short, window, out: String::new(), run_id, codec: None };
     let c = ctx.db.connect().await?;
     let fsync: String = c.query_one("SHOW fsync", &[]).await?.get(0);
     let sync: String = c.query_one("SHOW synchronous_commit", &[]).await?.get(0);
@@ -441,6 +451,22 @@ async fn main() -> Res<()> {
         let rows = std::env::var("BENCH_RECONCILE_ROWS").ok().and_then(|r| r.parse().ok()).unwrap_or(default);
         ctx.quiesce().await?;
         reconcile::reconcile_cost(&mut ctx, rows).await?;
+    }
+    // 10. Compression: none, lz4 and zstd, interleaved.
+    if run(10) {
+        ctx.quiesce().await?;
+        throughput::compression(&mut ctx).await?;
+    }
+    // 11. Many outboxes: BENCH_TENANTS schemas (200; 20 with --short), a backlog of
+    // BENCH_TENANT_BACKLOG rows (200,000; 20,000 with --short).
+    if run(11) {
+        let tenants = std::env::var("BENCH_TENANTS").ok().and_then(|v| v.parse().ok()).unwrap_or(ctx.size(20, 200));
+        let backlog = std::env::var("BENCH_TENANT_BACKLOG")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(ctx.size(20_000, 200_000));
+        ctx.quiesce().await?;
+        fleet::many_tenants(&mut ctx, tenants, backlog, 16).await?;
     }
     // 7. Held snapshot: BENCH_HELD_MINUTES long (10 by default, 2 with --short), ten windows.
     if run(7) {

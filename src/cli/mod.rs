@@ -39,6 +39,14 @@ pub(crate) struct Global {
     /// The PostgreSQL schema holding the outbox objects.
     #[arg(long, env = "OUTBOX_SCHEMA", default_value = "outbox", global = true)]
     schema: SchemaName,
+    /// An outbox as NAME=URL#SCHEMA (NAME=#SCHEMA: on --database-url). `run` serves every one
+    /// given (repeatable); the other commands act on the one given, as --database-url and
+    /// --schema would.
+    #[arg(long, value_name = "NAME=URL#SCHEMA", global = true)]
+    pub(crate) outbox: Vec<String>,
+    /// The database of the one `--outbox` a command acts on.
+    #[arg(skip)]
+    chosen_db: Option<DbConfig>,
     /// Log lines as JSON instead of human-readable text.
     #[arg(long, env = "OUTBOX_LOG_JSON", global = true)]
     pub(crate) log_json: bool,
@@ -107,6 +115,9 @@ pub(crate) fn parse_time(s: &str) -> Result<chrono::DateTime<chrono::Utc>, Strin
 
 impl Global {
     pub(crate) fn db_config(&self) -> Result<DbConfig, CliError> {
+        if let Some(db) = &self.chosen_db {
+            return Ok(db.clone());
+        }
         let url = match (&self.database_url, &self.database_url_file) {
             (_, Some(path)) => std::fs::read_to_string(path)
                 .map_err(|e| format!("cannot read DATABASE_URL_FILE {}: {e}", path.display()))?
@@ -131,6 +142,37 @@ impl Global {
     pub(crate) fn schema(&self) -> &SchemaName {
         &self.schema
     }
+
+    /// The outboxes `--outbox` names, parsed (`NAME=#SCHEMA` on --database-url).
+    pub(crate) fn outboxes(&self) -> Result<Vec<outbox_relay::relay::OutboxSpec>, CliError> {
+        let default = match (&self.database_url, &self.database_url_file) {
+            (None, None) => None,
+            _ => Some(self.db_config()?),
+        };
+        Ok(self
+            .outbox
+            .iter()
+            .map(|o| outbox_relay::relay::OutboxSpec::parse(o, default.as_ref()))
+            .collect::<Result<_, _>>()?)
+    }
+
+    /// For the commands that act on one outbox: `--outbox` stands for --database-url and --schema.
+    fn one_outbox(&mut self) -> Result<(), CliError> {
+        let mut all = self.outboxes()?;
+        match all.len() {
+            0 => Ok(()),
+            1 => {
+                let one = all.remove(0);
+                self.schema = one.schema;
+                self.chosen_db = Some(one.db);
+                Ok(())
+            }
+            n => Err(format!(
+                "--outbox names {n} outboxes; this command acts on one: give one --outbox (or --database-url and --schema)"
+            )
+            .into()),
+        }
+    }
 }
 
 pub(crate) fn init_logging(global: &Global) {
@@ -152,7 +194,10 @@ pub(crate) fn init_logging(global: &Global) {
     }
 }
 
-pub(crate) async fn dispatch(cli: Cli) -> Result<(), CliError> {
+pub(crate) async fn dispatch(mut cli: Cli) -> Result<(), CliError> {
+    if !matches!(cli.command, Command::Run(_)) {
+        cli.global.one_outbox()?;
+    }
     match cli.command {
         Command::Migrate(args) => migrate::run(&cli.global, args).await,
         Command::Run(args) => run::run(&cli.global, args).await,

@@ -37,8 +37,10 @@ pub(crate) struct RunArgs {
     /// The most lanes this instance takes (default: an even share of the lanes among live instances).
     #[arg(long, env = "OUTBOX_MAX_LANES")]
     max_lanes: Option<u16>,
-    /// The most PostgreSQL sessions the instance's lanes use (default: one per lane). With fewer,
-    /// each session holds the locks of several lanes and runs their statements one at a time.
+    /// The most PostgreSQL sessions the instance's lanes use per database, for all its outboxes
+    /// there (default: one per lane). With fewer, each session holds the locks of several lanes
+    /// and runs their statements one at a time. Each database also has a control, a background
+    /// and a LISTEN session.
     #[arg(long, env = "OUTBOX_MAX_SESSIONS", value_parser = clap::value_parser!(u16).range(1..))]
     max_sessions: Option<u16>,
     /// How often the instance heartbeats and rebalances lanes.
@@ -108,6 +110,19 @@ pub(crate) struct RunArgs {
     /// Send rows written for topic FROM to topic TO (repeatable).
     #[arg(long, value_name = "FROM=TO", value_parser = parse_mapping)]
     topic_map: Vec<(String, String)>,
+    /// Serve every schema of --database-url whose name matches this SQL LIKE pattern (repeatable),
+    /// and those created later (looked for every --discover-interval); a schema that is dropped
+    /// is let go. Their metrics carry the pattern as `outbox`. With --outbox or
+    /// --schema-pattern, --schema is served only when named by an --outbox too.
+    #[arg(long, value_name = "PATTERN")]
+    schema_pattern: Vec<String>,
+    /// Install or upgrade the outbox of a schema --schema-pattern finds that is not migrated,
+    /// instead of passing it by with an error.
+    #[arg(long)]
+    migrate: bool,
+    /// How often --schema-pattern looks for schemas created or dropped since.
+    #[arg(long, env = "OUTBOX_DISCOVER_INTERVAL", default_value = "30s", value_parser = humantime::parse_duration)]
+    discover_interval: Duration,
     /// Keep delivered rows in <schema>.delivered (topic, partition, offset, time) instead of deleting them.
     #[arg(long, env = "OUTBOX_ARCHIVE")]
     archive: bool,
@@ -124,16 +139,42 @@ fn parse_mapping(s: &str) -> Result<(String, String), String> {
 }
 
 pub(crate) async fn run(global: &Global, args: RunArgs) -> Result<(), CliError> {
+    let mut outboxes = global.outboxes()?;
+    let patterns = args.schema_pattern.clone();
+    let migrate = args.migrate;
+    if migrate && patterns.is_empty() {
+        return Err("--migrate migrates the schemas --schema-pattern finds: give --schema-pattern too \
+                    (for one schema run `outbox-relay migrate`)"
+            .into());
+    }
+    // Without --outbox and --schema-pattern: the one outbox of --database-url and --schema.
+    let db = if outboxes.is_empty() || !patterns.is_empty() { Some(global.db_config()?) } else { None };
+    if outboxes.is_empty() && patterns.is_empty() {
+        let db = db.clone().expect("asked for");
+        outboxes.push(relay::OutboxSpec { name: global.schema().to_string(), db, schema: global.schema().clone() });
+    }
+    let discover = patterns
+        .into_iter()
+        .map(|pattern| relay::Discovery { db: db.clone().expect("asked for"), pattern, migrate })
+        .collect();
     let config = config(global, args)?;
     let shutdown = CancellationToken::new();
     tokio::spawn(stop_on_signal(shutdown.clone()));
-    relay::run(config, shutdown).await?;
+    let stats = std::sync::Arc::new(relay::RelayStats::default());
+    relay::run_fleet(config, outboxes, discover, shutdown, stats).await?;
     Ok(())
 }
 
-/// The relay's configuration from the command line (flags and environment).
+/// The relay's configuration from the command line (flags and environment): what every outbox
+/// it serves shares (the database and schema are the default outbox's, replaced per outbox).
 fn config(global: &Global, args: RunArgs) -> Result<RelayConfig, CliError> {
-    let mut config = RelayConfig::new(global.db_config()?, global.schema().clone(), args.kafka_brokers);
+    let db = match global.db_config() {
+        Ok(db) => db,
+        // Every outbox named by --outbox with its own URL.
+        Err(_) if !global.outbox.is_empty() => global.outboxes()?.remove(0).db,
+        Err(e) => return Err(e),
+    };
+    let mut config = RelayConfig::new(db, global.schema().clone(), args.kafka_brokers);
     if let Some(path) = &args.kafka_config_file {
         config.producer.properties.extend(kafka::read_properties_file(path)?);
     }
@@ -175,6 +216,7 @@ fn config(global: &Global, args: RunArgs) -> Result<RelayConfig, CliError> {
     config.backlog_interval = args.backlog_interval;
     config.horizon_warn = args.horizon_warn;
     config.sweep_interval = args.sweep_interval;
+    config.discover_interval = args.discover_interval;
     Ok(config)
 }
 

@@ -87,7 +87,7 @@ impl<'s> Completions<'s> {
             for a in acked {
                 self.seqs.remove(&a.seq);
             }
-            super::settle::record_delivery(rows, acked);
+            super::settle::record_delivery(&shared.label, rows, acked);
         }
         self.start().await;
         Ok(())

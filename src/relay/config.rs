@@ -31,8 +31,9 @@ pub struct RelayConfig {
     pub poll_interval: Duration,
     /// The most lanes this instance takes (default: its fair share).
     pub max_lanes: Option<u16>,
-    /// The most PostgreSQL sessions its lanes use (default: one per lane). With a budget, one
-    /// session holds the locks of, and runs the statements of, several lanes.
+    /// The most PostgreSQL sessions its lanes use per database (default: one per lane). With a
+    /// budget, one session holds the locks of, and runs the statements of, several lanes, of one
+    /// outbox or of several on that database.
     pub max_sessions: Option<u16>,
     /// How often the instance heartbeats and rebalances lanes.
     pub heartbeat_interval: Duration,
@@ -76,6 +77,8 @@ pub struct RelayConfig {
     pub backlog_interval: Duration,
     /// Warn when the oldest snapshot held on the database is older than this.
     pub horizon_warn: Duration,
+    /// How often `--schema-pattern` looks for schemas created or dropped since.
+    pub discover_interval: Duration,
     /// This instance's id.
     pub instance_id: Uuid,
 }
@@ -117,6 +120,7 @@ impl RelayConfig {
             stuck_threshold: Duration::from_secs(300),
             backlog_interval: Duration::from_secs(5),
             horizon_warn: Duration::from_secs(300),
+            discover_interval: Duration::from_secs(30),
             instance_id: Uuid::now_v7(),
         }
     }

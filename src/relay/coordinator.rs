@@ -11,10 +11,11 @@ use rand::seq::SliceRandom;
 use tokio::task::JoinHandle;
 use tokio_postgres::Client;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
+use super::database::Database;
 use super::lane::{self, LaneExit};
-use super::lane_session::{LaneConn, LaneSession};
-use super::listener::reconnect_policy;
+use super::lane_session::{LaneConn, LaneOf, LaneSession};
 use super::{breaker, lanes, maintenance, sweep, RelayConfig, Shared};
 
 pub(super) struct OwnedLane {
@@ -25,14 +26,14 @@ pub(super) struct OwnedLane {
     shared_session: Option<Arc<LaneConn>>,
 }
 
+/// One outbox's coordinator in this instance.
 pub(super) struct Coordinator {
     shared: Arc<Shared>,
-    control: Option<Client>,
+    /// The sessions it shares with the other outboxes of its database.
+    database: Arc<Database>,
     lock_class: i32,
     lanes_total: u16,
     owned: BTreeMap<i16, OwnedLane>,
-    /// The sessions lanes share under `--max-sessions`.
-    sessions: Vec<Arc<LaneConn>>,
     registered: bool,
     next_maintenance: tokio::time::Instant,
     pruning: Option<JoinHandle<()>>,
@@ -43,14 +44,13 @@ pub(super) struct Coordinator {
 }
 
 impl Coordinator {
-    pub(super) fn new(shared: Arc<Shared>, control: Client, lock_class: i32, lanes_total: u16) -> Self {
+    pub(super) fn new(shared: Arc<Shared>, database: Arc<Database>, lock_class: i32, lanes_total: u16) -> Self {
         let now = tokio::time::Instant::now();
         Self {
-            control: Some(control),
+            database,
             lock_class,
             lanes_total,
             owned: BTreeMap::new(),
-            sessions: Vec::new(),
             registered: false,
             next_maintenance: now + shared.config.maintenance_interval,
             pruning: None,
@@ -63,8 +63,8 @@ impl Coordinator {
     }
 
     /// Forgets the control session (it timed out); the next step opens another.
-    pub(super) fn drop_control(&mut self) {
-        self.control = None;
+    pub(super) async fn drop_control(&self) {
+        self.database.control.reset().await;
     }
 
     /// Lets every lane finish its batch and go (within `shutdown_timeout`), deregisters, and stops
@@ -90,46 +90,26 @@ impl Coordinator {
         &self.shared.config
     }
 
-    async fn control(&mut self) -> Option<&Client> {
-        if self.control.as_ref().is_some_and(|c| c.is_closed()) {
-            self.control = None;
-        }
-        if self.control.is_none() {
-            use backon::Retryable;
-            let db = self.config().db.clone();
-            let connect = (|| db.connect())
-                .retry(reconnect_policy().with_max_times(3))
-                .sleep(tokio::time::sleep)
-                .notify(|e, after| {
-                    tracing::warn!(error = %e, retry_in_ms = after.as_millis() as u64, "control session unavailable; retrying")
-                });
-            match connect.await {
-                Ok(c) => self.control = Some(c),
-                Err(e) => {
-                    tracing::warn!(error = %e, "control session unavailable; lanes keep running, rebalancing waits");
-                    return None;
-                }
-            }
-        }
-        self.control.as_ref()
+    async fn control(&self) -> Option<Arc<Client>> {
+        self.database.control.get().await
     }
 
     pub(super) async fn tick(&mut self) {
         self.reap().await;
-        crate::telemetry::lanes_owned(self.owned.len());
+        crate::telemetry::lanes_owned(&self.shared.label, self.owned.len());
         crate::telemetry::breaker_state(self.shared.breaker.state().as_gauge());
-        self.shared.health.set_lanes(self.owned.len());
+        self.shared.health.set_lanes(&self.shared.label.part, self.owned.len());
         self.shared.health.set_breaker_open(self.shared.breaker.state() == breaker::BreakerState::Open);
         let live = match self.heartbeat().await {
             Ok(n) => n,
             Err(e) => {
                 tracing::warn!(error = %e, "heartbeat failed; will retry");
-                self.shared.health.set_db_ok(false);
-                self.control = None;
+                self.shared.health.set_db_ok(&self.shared.label.part, false);
+                self.database.control.reset().await;
                 return;
             }
         };
-        self.shared.health.set_db_ok(true);
+        self.shared.health.set_db_ok(&self.shared.label.part, true);
         // The backlog count reads the whole outbox: every few seconds (--backlog-interval) is enough.
         if self.last_backlog.elapsed() >= self.config().backlog_interval {
             self.last_backlog = tokio::time::Instant::now();
@@ -148,11 +128,13 @@ impl Coordinator {
         if tokio::time::Instant::now() >= self.next_maintenance && self.pruning.as_ref().is_none_or(|t| t.is_finished())
         {
             self.next_maintenance = tokio::time::Instant::now() + self.config().maintenance_interval;
-            self.pruning = Some(tokio::spawn(maintenance::prune(self.shared.clone())));
+            let task = maintenance::prune(self.shared.clone(), self.database.clone());
+            self.pruning = Some(tokio::spawn(task.instrument(tracing::Span::current())));
         }
         if tokio::time::Instant::now() >= self.next_sweep && self.sweeping.as_ref().is_none_or(|t| t.is_finished()) {
             self.next_sweep = tokio::time::Instant::now() + self.config().sweep_interval;
-            self.sweeping = Some(tokio::spawn(sweep::sweep(self.shared.clone())));
+            let task = sweep::sweep(self.shared.clone(), self.database.clone());
+            self.sweeping = Some(tokio::spawn(task.instrument(tracing::Span::current())));
         }
         let fair = (self.lanes_total as usize).div_ceil(live.max(1) as usize);
         let target = self.config().max_lanes.map_or(fair, |m| fair.min(m as usize));
@@ -223,8 +205,8 @@ impl Coordinator {
         // Instances racing for the same free lanes start at different places.
         free.shuffle(&mut rand::rng());
         free.truncate(target.saturating_sub(self.owned.len()));
-        if let Some(budget) = self.shared.config.max_sessions {
-            self.acquire_shared(free, usize::from(budget.max(1))).await;
+        if self.database.pool.is_some() {
+            self.acquire_shared(free).await;
             return Ok(());
         }
         // The sessions open at once: opening them one after another took a relay started on a
@@ -248,7 +230,8 @@ impl Coordinator {
             match result {
                 Ok(Some(session)) => {
                     let stop = CancellationToken::new();
-                    let task = tokio::spawn(lane::run_lane(self.shared.clone(), lane, session, stop.clone()));
+                    let run = lane::run_lane(self.shared.clone(), lane, session, stop.clone());
+                    let task = tokio::spawn(run.instrument(tracing::Span::current()));
                     self.owned.insert(lane, OwnedLane { stop, task, shared_session: None });
                     self.shared.stats.lanes_acquired.fetch_add(1, Ordering::Relaxed);
                     tracing::info!(lane, instance = %cfg.instance_id, "lane acquired");
@@ -260,39 +243,30 @@ impl Coordinator {
         Ok(())
     }
 
-    /// Takes `free` lanes on at most `budget` sessions: a new session while below the budget,
-    /// else the one serving the fewest lanes. Each lock is taken on the session that will run the
-    /// lane's statements.
-    async fn acquire_shared(&mut self, free: Vec<i16>, budget: usize) {
+    /// Takes `free` lanes on the database's pool of lane sessions (at most `--max-sessions` of
+    /// them, shared with the other outboxes there). Each lock is taken on the session that will
+    /// run the lane's statements.
+    async fn acquire_shared(&mut self, free: Vec<i16>) {
         let cfg = self.shared.config.clone();
-        self.sessions.retain(|c| !c.closed().is_cancelled());
+        let pool = self.database.pool.as_ref().expect("a pool");
         for lane in free {
-            let conn = if self.sessions.len() < budget {
-                let name = format!("outbox-relay {} lane session {}", cfg.instance_id, self.sessions.len());
-                let db = cfg.db.clone().with_application_name(&name);
-                match LaneConn::open(&db, &cfg.schema, self.lock_class, cfg.archive, cfg.db_call_timeout).await {
-                    Ok(c) => {
-                        self.sessions.push(c.clone());
-                        c
-                    }
-                    Err(e) => {
-                        tracing::warn!(lane, error = %e, "could not open a lane session; will retry");
-                        return;
-                    }
+            let conn = match pool.pick().await {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!(lane, error = %e, "could not open a lane session; will retry");
+                    return;
                 }
-            } else {
-                let load = |c: &Arc<LaneConn>| {
-                    self.owned.values().filter(|o| o.shared_session.as_ref().is_some_and(|s| Arc::ptr_eq(s, c))).count()
-                };
-                self.sessions.iter().min_by_key(|c| load(c)).expect("a budget of at least one").clone()
             };
-            match LaneSession::try_acquire_on(&conn, lane).await {
+            let of = LaneOf { schema: &cfg.schema, lock_class: self.lock_class, archive: cfg.archive, lane };
+            match LaneSession::try_acquire_on(&conn, of).await {
                 Ok(Some(session)) => {
                     let stop = CancellationToken::new();
-                    let task = tokio::spawn(lane::run_lane(self.shared.clone(), lane, session, stop.clone()));
+                    let run = lane::run_lane(self.shared.clone(), lane, session, stop.clone());
+                    let task = tokio::spawn(run.instrument(tracing::Span::current()));
                     self.owned.insert(lane, OwnedLane { stop, task, shared_session: Some(conn) });
                     self.shared.stats.lanes_acquired.fetch_add(1, Ordering::Relaxed);
-                    tracing::info!(lane, instance = %cfg.instance_id, sessions = self.sessions.len(), "lane acquired");
+                    let sessions = pool.len().await;
+                    tracing::info!(lane, instance = %cfg.instance_id, sessions, "lane acquired");
                 }
                 Ok(None) => {}
                 Err(e) => tracing::warn!(lane, error = %e, "could not take a lane's lock; will retry"),
@@ -302,22 +276,21 @@ impl Coordinator {
 
     /// After a lane on a shared session ended: lets go of its lock on that session (queued behind
     /// every statement the lane sent there). A session that is gone leaves the pool (the server
-    /// released its locks); one that cannot let go in time is retired: its other lanes are
-    /// stopped too, so that it closes with the last of them and the server releases the lock.
+    /// released its locks); one that cannot let go in time is retired: every lane on it (of any
+    /// outbox) stops, so that it closes with the last of them and the server releases the lock.
     async fn unlock_shared(&mut self, lane: i16, conn: Option<Arc<LaneConn>>) {
         let Some(conn) = conn else { return };
+        let pool = self.database.pool.as_ref().expect("a pool");
         let failed = match conn.closed().is_cancelled() {
             true => None,
-            false => conn.unlock(lane).await.err(),
+            false => conn.unlock(self.lock_class, lane).await.err(),
         };
-        if conn.closed().is_cancelled() || failed.is_some() {
-            self.sessions.retain(|c| !Arc::ptr_eq(c, &conn));
-        }
-        if let Some(e) = failed {
+        if let Some(e) = &failed {
             tracing::warn!(lane, error = %e, "could not let go of a lane's lock; retiring its session and the lanes on it");
-            for o in self.owned.values().filter(|o| o.shared_session.as_ref().is_some_and(|c| Arc::ptr_eq(c, &conn))) {
-                o.stop.cancel();
-            }
+            conn.retire();
+        }
+        if conn.closed().is_cancelled() {
+            pool.forget(&conn).await;
         }
     }
 
@@ -332,8 +305,8 @@ impl Coordinator {
         let Some(control) = self.control().await else { return Ok(()) };
         let row = control.query_one(&schema.qualify(include_str!("../sql/backlog.sql")), &[&lanes, &from]).await?;
         let (rows, oldest, head): (i64, f64, f64) = (row.get("pending"), row.get("oldest_s"), row.get("head_s"));
-        crate::telemetry::backlog(rows, Duration::from_secs_f64(oldest.max(0.0)));
-        self.shared.health.set_oldest_head(Duration::from_secs_f64(head.max(0.0)));
+        crate::telemetry::backlog(&self.shared.label, rows, Duration::from_secs_f64(oldest.max(0.0)));
+        self.shared.health.set_oldest_head(&self.shared.label.part, Duration::from_secs_f64(head.max(0.0)));
         self.observe_horizon().await
     }
 
@@ -346,12 +319,14 @@ impl Coordinator {
         let schema = self.config().schema.clone();
         let warn_after = self.config().horizon_warn;
         let Some(control) = self.control().await else { return Ok(()) };
+        let control = &*control;
         let dead = crate::horizon::dead_tuples(control, &schema).await?;
         let oldest = crate::horizon::snapshot_holders(control, 1).await?.into_iter().next();
         let age = oldest.as_ref().and_then(|h| h.age_seconds).unwrap_or(0.0).max(0.0);
-        crate::telemetry::queue_health(dead, Duration::from_secs_f64(age));
+        crate::telemetry::queue_health(&self.shared.label, dead, Duration::from_secs_f64(age));
         for r in crate::ops::reconcile::last_reconciliations(control, &schema).await? {
             crate::telemetry::reconciliation(
+                &self.shared.label,
                 &r.found.consumer,
                 r.found.missing,
                 Duration::from_secs_f64(r.age_seconds.max(0.0)),

@@ -173,7 +173,7 @@ impl Window {
             Ok((partition, offset)) => {
                 if offset < 0 {
                     shared.stats.acks_without_offset.fetch_add(1, Ordering::Relaxed);
-                    crate::telemetry::ack_without_offset(topic);
+                    crate::telemetry::ack_without_offset(&shared.label, topic);
                     tracing::debug!(message_id = %row.id, topic = %topic, partition, offset, "acknowledged without an offset");
                 }
                 Outcome::Acked(Acked {

@@ -243,7 +243,7 @@ async fn claim_and_send(
     let claimed = session.claim(range.from, range.to, ask as i64, st.looked_below.make_contiguous()).await;
     let took = claim_started.elapsed();
     shared.stats.claim_micros.fetch_add(took.as_micros() as u64, Ordering::Relaxed);
-    crate::telemetry::claim_time(took);
+    crate::telemetry::claim_time(&shared.label, took);
     let claimed = match claimed {
         Ok(c) => {
             if let Some(top) = c.lane_top {

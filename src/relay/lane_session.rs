@@ -3,6 +3,7 @@
 //! never a second owner that could still change the lane's rows). Under a session budget one
 //! session serves several lanes and holds each of their locks ([`LaneConn`]).
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
@@ -184,15 +185,24 @@ pub struct Claimed {
     pub lane_top: Option<i64>,
 }
 
-/// A session lane statements run on, with its prepared statements: a lane's own (the default), or
-/// shared by several lanes of one instance under a session budget (`--max-sessions`). It holds the
-/// advisory lock of every lane it serves; each lane's statements go through it alone, so when it
-/// is gone, every lock it held and every way to change those lanes' rows are gone together.
+/// A session lane statements run on: a lane's own (the default), or shared by several lanes under
+/// a session budget (`--max-sessions`), of one outbox or of several outboxes on one database. It
+/// holds the advisory lock of every lane it serves; each lane's statements go through it alone,
+/// so when it is gone, every lock it held and every way to change those lanes' rows are gone
+/// together.
 pub struct LaneConn {
     client: Client,
     closed: CancellationToken,
-    lock_class: i32,
     call_timeout: std::time::Duration,
+    /// The lanes it serves now (a pool gives a new lane to the session serving the fewest).
+    lanes: std::sync::atomic::AtomicUsize,
+    /// Each outbox's statements, prepared on this session when its first lane comes.
+    outboxes: tokio::sync::Mutex<HashMap<SchemaName, Arc<Statements>>>,
+}
+
+/// One outbox's lane statements, prepared on one session.
+struct Statements {
+    lock_class: i32,
     claim: Statement,
     delete: Statement,
     archive: Option<Statement>,
@@ -201,25 +211,37 @@ pub struct LaneConn {
 }
 
 impl LaneConn {
-    /// Opens a session and prepares the lane statements on it.
-    pub async fn open(
-        db: &DbConfig,
+    /// Opens a session for lane statements.
+    pub async fn open(db: &DbConfig, call_timeout: std::time::Duration) -> Result<Arc<Self>, ConnectError> {
+        let (client, closed) = db.connect_watched().await?;
+        // The lane's own bookkeeping (deletes, archive, attempts, dead letters) need not wait
+        // for the disk: if a crash loses one of these commits, its rows come back and are
+        // delivered again, which at-least-once allows and the inbox absorbs (ARCHITECTURE.md).
+        // Under a held snapshot the statistics see few live rows, and the planner read a
+        // lane's head, and its top (`lane_top`), with bitmap scans that visit every heap page
+        // holding a dead row of any lane: 1.5 s each after an hour. Index scans read only the
+        // lane's entries, and the top from the end (0.1 ms).
+        let setup = client.batch_execute("SET synchronous_commit = off; SET enable_bitmapscan = off");
+        match tokio::time::timeout(call_timeout, setup).await {
+            Ok(r) => r.map_err(ConnectError::Session)?,
+            Err(_) => return Err(ConnectError::Timeout(call_timeout)),
+        }
+        Ok(Arc::new(Self { client, closed, call_timeout, lanes: Default::default(), outboxes: Default::default() }))
+    }
+
+    /// The outbox's statements on this session, prepared the first time.
+    async fn statements(
+        &self,
         schema: &SchemaName,
         lock_class: i32,
         archive: bool,
-        call_timeout: std::time::Duration,
-    ) -> Result<Arc<Self>, ConnectError> {
-        let (client, closed) = db.connect_watched().await?;
+    ) -> Result<Arc<Statements>, ConnectError> {
+        let mut outboxes = self.outboxes.lock().await;
+        if let Some(st) = outboxes.get(schema) {
+            return Ok(st.clone());
+        }
+        let client = &self.client;
         let prepared = async {
-            // The lane's own bookkeeping (deletes, archive, attempts, dead letters) need not wait
-            // for the disk: if a crash loses one of these commits, its rows come back and are
-            // delivered again, which at-least-once allows and the inbox absorbs (ARCHITECTURE.md).
-            client.batch_execute("SET synchronous_commit = off").await?;
-            // Under a held snapshot the statistics see few live rows, and the planner read a
-            // lane's head, and its top (`lane_top`), with bitmap scans that visit every heap page
-            // holding a dead row of any lane: 1.5 s each after an hour. Index scans read only the
-            // lane's entries, and the top from the end (0.1 ms).
-            client.batch_execute("SET enable_bitmapscan = off").await?;
             let claim = client.prepare(&schema.qualify(include_str!("../sql/claim.sql"))).await?;
             // The claim's rows are read by position (the hot path); the names pin the positions.
             debug_assert_eq!(
@@ -235,26 +257,40 @@ impl LaneConn {
             };
             let failures = client.prepare(&schema.qualify(include_str!("../sql/record_failures.sql"))).await?;
             let dead = client.prepare(&schema.qualify(include_str!("../sql/dead_letter.sql"))).await?;
-            Ok((claim, delete, archive, failures, dead))
+            Ok(Statements { lock_class, claim, delete, archive, failures, dead })
         };
-        let (claim, delete, archive, failures, dead) = match tokio::time::timeout(call_timeout, prepared).await {
-            Ok(r) => r.map_err(ConnectError::Session)?,
-            Err(_) => return Err(ConnectError::Timeout(call_timeout)),
+        let st = match tokio::time::timeout(self.call_timeout, prepared).await {
+            Ok(r) => Arc::new(r.map_err(ConnectError::Session)?),
+            Err(_) => return Err(ConnectError::Timeout(self.call_timeout)),
         };
-        Ok(Arc::new(Self { client, closed, lock_class, call_timeout, claim, delete, archive, failures, dead }))
+        outboxes.insert(schema.clone(), st.clone());
+        Ok(st)
     }
 
-    /// Cancelled when the session is gone (and with it every lock it held).
+    /// Cancelled when the session is gone (and with it every lock it held), or retired.
     pub fn closed(&self) -> &CancellationToken {
         &self.closed
     }
 
-    /// Lets go of `lane`'s lock, once its lane loop has ended: the unlock runs after every
-    /// statement the lane sent on this session (one session runs its statements one at a time).
-    pub async fn unlock(&self, lane: i16) -> Result<(), LaneDbError> {
+    /// The lanes it serves now.
+    pub fn lanes(&self) -> usize {
+        self.lanes.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Stops every lane on this session (they see it as lost): it closes with the last of them
+    /// and the server lets go of every lock it held.
+    pub fn retire(&self) {
+        self.closed.cancel();
+    }
+
+    /// Lets go of the lock of `lane` (of the outbox whose locks are of `lock_class`), once its
+    /// lane loop has ended: the unlock runs after every statement the lane sent on this session
+    /// (one session runs its statements one at a time).
+    pub async fn unlock(&self, lock_class: i32, lane: i16) -> Result<(), LaneDbError> {
+        self.lanes.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
         timed(
             self.call_timeout,
-            self.client.execute("SELECT pg_advisory_unlock($1, $2)", &[&self.lock_class, &i32::from(lane)]),
+            self.client.execute("SELECT pg_advisory_unlock($1, $2)", &[&lock_class, &i32::from(lane)]),
         )
         .await
         .map(|_| ())
@@ -264,6 +300,7 @@ impl LaneConn {
 /// One lane on its session: the statements of that lane.
 pub struct LaneSession {
     conn: Arc<LaneConn>,
+    st: Arc<Statements>,
     lane: i16,
 }
 
@@ -288,6 +325,19 @@ async fn timed<T>(
     }
 }
 
+/// A lane of one outbox: its schema, the first key of its locks, whether it archives.
+#[derive(Debug, Clone)]
+pub struct LaneOf<'a> {
+    /// The outbox's schema.
+    pub schema: &'a SchemaName,
+    /// The first key of its lane locks ([`lane_lock_class`]).
+    pub lock_class: i32,
+    /// Whether acknowledged rows are archived.
+    pub archive: bool,
+    /// The lane.
+    pub lane: i16,
+}
+
 impl LaneSession {
     /// Opens a session of the lane's own and tries to take `lane`'s advisory lock; `None` if
     /// another session has it.
@@ -299,21 +349,25 @@ impl LaneSession {
         archive: bool,
         call_timeout: std::time::Duration,
     ) -> Result<Option<Self>, ConnectError> {
-        let conn = LaneConn::open(db, schema, lock_class, archive, call_timeout).await?;
-        Self::try_acquire_on(&conn, lane).await
+        let conn = LaneConn::open(db, call_timeout).await?;
+        Self::try_acquire_on(&conn, LaneOf { schema, lock_class, archive, lane }).await
     }
 
-    /// Tries to take `lane`'s advisory lock on `conn`, a session that may hold other lanes too;
-    /// `None` if another session has it.
-    pub async fn try_acquire_on(conn: &Arc<LaneConn>, lane: i16) -> Result<Option<Self>, ConnectError> {
-        let lane_key = i32::from(lane);
-        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 2] = [&conn.lock_class, &lane_key];
+    /// Tries to take the lane's advisory lock on `conn`, a session that may hold other lanes
+    /// (of this outbox or others) too; `None` if another session has it.
+    pub async fn try_acquire_on(conn: &Arc<LaneConn>, of: LaneOf<'_>) -> Result<Option<Self>, ConnectError> {
+        let st = conn.statements(of.schema, of.lock_class, of.archive).await?;
+        let lane_key = i32::from(of.lane);
+        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 2] = [&st.lock_class, &lane_key];
         let lock = conn.client.query_one(include_str!("../sql/lane_lock_try.sql"), &params);
         let got: bool = match tokio::time::timeout(conn.call_timeout, lock).await {
             Ok(r) => r.map_err(ConnectError::Session)?.get("got"),
             Err(_) => return Err(ConnectError::Timeout(conn.call_timeout)),
         };
-        Ok(got.then(|| Self { conn: conn.clone(), lane }))
+        if got {
+            conn.lanes.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        Ok(got.then(|| Self { conn: conn.clone(), st, lane: of.lane }))
     }
 
     /// Cancelled when the session is gone (and with it the lane's lock).
@@ -329,7 +383,7 @@ impl LaneSession {
     pub async fn claim(&self, from: i64, to: i64, limit: i64, looked_below: &[i64]) -> Result<Claimed, LaneDbError> {
         let rows = timed(
             self.conn.call_timeout,
-            self.conn.client.query(&self.conn.claim, &[&self.lane, &limit, &from, &to, &looked_below]),
+            self.conn.client.query(&self.st.claim, &[&self.lane, &limit, &from, &to, &looked_below]),
         )
         .await?;
         let lane_top = rows.first().and_then(|r| r.get::<_, Option<i64>>(15));
@@ -370,9 +424,9 @@ impl LaneSession {
             return Ok(0);
         }
         let seqs: Vec<i64> = acked.iter().map(|a| a.seq).collect();
-        match &self.conn.archive {
+        match &self.st.archive {
             None => {
-                timed(self.conn.call_timeout, self.conn.client.execute(&self.conn.delete, &[&self.lane, &seqs])).await
+                timed(self.conn.call_timeout, self.conn.client.execute(&self.st.delete, &[&self.lane, &seqs])).await
             }
             Some(stmt) => {
                 let topics: Vec<&str> = acked.iter().map(|a| a.kafka_topic.as_str()).collect();
@@ -401,7 +455,7 @@ impl LaneSession {
             self.conn.call_timeout,
             self.conn
                 .client
-                .execute(&self.conn.dead, &[&self.lane, &seqs, &reasons, &classes, &errors, &park, &instance]),
+                .execute(&self.st.dead, &[&self.lane, &seqs, &reasons, &classes, &errors, &park, &instance]),
         )
         .await
     }
@@ -416,7 +470,7 @@ impl LaneSession {
         let delays: Vec<i64> = failed.iter().map(|f| f.delay_ms).collect();
         timed(
             self.conn.call_timeout,
-            self.conn.client.execute(&self.conn.failures, &[&self.lane, &seqs, &errors, &delays]),
+            self.conn.client.execute(&self.st.failures, &[&self.lane, &seqs, &errors, &delays]),
         )
         .await
     }

@@ -3,17 +3,18 @@
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
+use super::database::Database;
 use super::Shared;
 use crate::db::in_chunks;
 
 /// Deletes archived rows past retention and idempotency keys past their window (whose message is
 /// gone), in chunks so that no statement holds locks for long. Any instance may do it; doing it
 /// twice is harmless.
-pub(super) async fn prune(shared: Arc<Shared>) {
+pub(super) async fn prune(shared: Arc<Shared>, database: Arc<Database>) {
     const CHUNK: i64 = 10_000;
     let config = &shared.config;
     let run = async {
-        let client = config.db.connect().await.map_err(|e| e.to_string())?;
+        let client = database.background.get().await.ok_or("no background session")?;
         let mut pruned = 0u64;
         if config.archive {
             let sql = config.schema.qualify(include_str!("../sql/prune_archive.sql"));

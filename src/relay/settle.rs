@@ -42,7 +42,7 @@ async fn complete(
         return Err(LaneExit::SessionLost(format!("deleting {} acknowledged rows failed: {e}", acked.len())));
     }
     shared.stats.delivered.fetch_add(acked.len() as u64, Ordering::Relaxed);
-    record_delivery(rows, acked);
+    record_delivery(&shared.label, rows, acked);
     Ok(())
 }
 
@@ -85,7 +85,7 @@ pub(super) async fn settle_window(
                 broker_failure |= classified.blames_broker;
                 match decide(shared, row, &classified, breaker_was_closed) {
                     Decision::DeadLetter(why) => {
-                        crate::telemetry::dead_lettered(&row.topic, why);
+                        crate::telemetry::dead_lettered(&shared.label, &row.topic, why);
                         tracing::warn!(lane, message_id = %row.id, topic = %row.topic, attempts = row.attempts + 1,
                             reason = why, error_class = classified.class, error = %error, "message dead-lettered");
                         dead.push(DeadLetter {
@@ -100,7 +100,7 @@ pub(super) async fn settle_window(
                             retry_in_ms = delay.as_millis() as u64, error_class = classified.class, error = %error,
                             "delivery failed; will retry");
                         shared.stats.note_retry(row.attempts.max(0) as u32, delay);
-                        crate::telemetry::retried(&row.topic, classified.class);
+                        crate::telemetry::retried(&shared.label, &row.topic, classified.class);
                         failed.push(FailedAttempt { seq: row.seq, error, delay_ms: delay.as_millis() as i64 });
                     }
                     Decision::Untouched => untouched.push(row.seq),
@@ -142,11 +142,11 @@ pub(super) async fn settle_window(
 }
 
 /// Delivery metrics for a completed batch: per topic counts and write-to-ack latencies.
-pub(super) fn record_delivery(rows: &[ClaimedRow], acked: &[Acked]) {
+pub(super) fn record_delivery(label: &crate::telemetry::OutboxLabel, rows: &[ClaimedRow], acked: &[Acked]) {
     if acked.is_empty() {
         return;
     }
-    crate::telemetry::batch_size(rows.len());
+    crate::telemetry::batch_size(label, rows.len());
     let now = chrono::Utc::now();
     let mut per_topic: std::collections::HashMap<&str, u64> = std::collections::HashMap::new();
     let mut rows_by_seq = rows.iter().peekable();
@@ -159,12 +159,12 @@ pub(super) fn record_delivery(rows: &[ClaimedRow], acked: &[Acked]) {
         if let Some(r) = rows_by_seq.peek() {
             if r.seq == a.seq {
                 let acked_at = now - chrono::Duration::from_std(a.acked_at.elapsed()).unwrap_or_default();
-                crate::telemetry::commit_to_ack((acked_at - r.created_at).to_std().unwrap_or_default());
+                crate::telemetry::commit_to_ack(label, (acked_at - r.created_at).to_std().unwrap_or_default());
             }
         }
     }
     for (topic, n) in per_topic {
-        crate::telemetry::delivered(topic, n);
+        crate::telemetry::delivered(label, topic, n);
     }
 }
 

@@ -8,6 +8,7 @@
 mod support;
 
 mod failures;
+mod fleet;
 mod inbox;
 mod migrate;
 mod operators;

@@ -328,7 +328,10 @@ async fn metrics_move_during_a_run_and_readyz_follows_the_broker() {
     assert!(max_backlog > 0.0, "the backlog gauge was seen above zero during the run");
     assert_eq!(backlog_end, 0.0, "the backlog gauge fell to zero");
     assert!(body.contains("outbox_relay_commit_to_ack_seconds_bucket"));
-    assert!(body.contains("outbox_relay_lanes_owned 2"));
+    // Every outbox figure carries the outbox's name (here its schema).
+    let outbox = format!("outbox=\"{}\"", s.name);
+    assert_eq!(metric(&body, "outbox_relay_lanes_owned", &outbox), 2.0, "lanes owned of the outbox");
+    assert_eq!(metric(&body, "outbox_relay_delivered_total", &outbox), 5000.0, "delivered of the outbox");
 
     // Broker down: unready; back: ready again.
     mock.broker_down(1).unwrap();

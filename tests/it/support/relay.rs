@@ -65,17 +65,22 @@ pub struct RelayProcess {
 
 impl RelayProcess {
     pub fn start(schema: &SchemaName, extra: &[&str]) -> Self {
+        Self::start_with(&[&["--schema", schema.as_str()], extra].concat(), Stdio::inherit())
+    }
+
+    /// `outbox-relay run` with the tests' short timers and `args` (which name the outboxes),
+    /// its log lines (warnings and errors) to `log`.
+    pub fn start_with(args: &[&str], log: Stdio) -> Self {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_outbox-relay"));
-        cmd.args(["run", "--schema", schema.as_str()])
-            .args(["--heartbeat-interval", "300ms", "--instance-timeout", "3s", "--poll-interval", "500ms"])
+        cmd.args(["run", "--heartbeat-interval", "300ms", "--instance-timeout", "3s", "--poll-interval", "500ms"])
             .args(["--metrics-addr", "off"])
-            .args(extra)
+            .args(args)
             .env("DATABASE_URL", database_url())
             .env("KAFKA_BROKERS", kafka_brokers())
             .env("OUTBOX_LOG", "warn")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::inherit());
+            .stderr(log);
         Self { child: cmd.spawn().expect("spawn outbox-relay run") }
     }
 

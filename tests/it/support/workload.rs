@@ -26,12 +26,25 @@ pub async fn write_paced(
     per_writer: usize,
     pause: Duration,
 ) -> Vec<(Uuid, String)> {
+    write_paced_on(&super::database_url(), &s.name, topic, writers, per_writer, pause).await
+}
+
+/// [`write_paced`] into `schema` of the database at `url`.
+pub async fn write_paced_on(
+    url: &str,
+    schema: &SchemaName,
+    topic: &str,
+    writers: usize,
+    per_writer: usize,
+    pause: Duration,
+) -> Vec<(Uuid, String)> {
     let mut tasks = Vec::new();
     for w in 0..writers {
-        let outbox = Outbox::new(s.name.clone());
+        let outbox = Outbox::new(schema.clone());
         let topic = topic.to_owned();
+        let db = outbox_relay::db::DbConfig::parse(url).expect("the URL parses");
         tasks.push(tokio::spawn(async move {
-            let mut client = connect().await;
+            let mut client = db.connect().await.expect("connect to PostgreSQL");
             let mut written = Vec::with_capacity(per_writer);
             let mut n = 0;
             while n < per_writer {
