@@ -34,27 +34,18 @@ impl TestDatabase {
 
 impl Drop for TestDatabase {
     fn drop(&mut self) {
-        let sql = format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name);
-        let _ = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-            rt.block_on(async {
-                if let Ok(c) = DbConfig::parse(&database_url()).unwrap().connect().await {
-                    let _ = c.batch_execute(&sql).await;
-                }
-            });
-        })
-        .join();
+        crate::support::clean_up(format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name));
     }
 }
 
 /// One outbox of the test: where it is, its topic.
-struct Box_ {
+struct TestOutbox {
     url: String,
     schema: SchemaName,
     topic: String,
 }
 
-impl Box_ {
+impl TestOutbox {
     async fn new(url: &str, lanes: u16, topic: &str) -> Self {
         let schema = SchemaName::new(&unique_name("t")).unwrap();
         let mut c = DbConfig::parse(url).unwrap().connect().await.unwrap();
@@ -73,7 +64,7 @@ fn instance_of(app: &str) -> String {
 }
 
 /// Per instance: the lanes of `b` it holds, and the sessions holding them.
-async fn holders(b: &Box_) -> (HashMap<String, usize>, HashMap<String, HashSet<i32>>, usize) {
+async fn holders(b: &TestOutbox) -> (HashMap<String, usize>, HashMap<String, HashSet<i32>>, usize) {
     let c = b.client().await;
     let class = i64::from(outbox_relay::relay::lane_session::lane_lock_class(&c, &b.schema).await.unwrap());
     let rows = c
@@ -100,7 +91,7 @@ async fn holders(b: &Box_) -> (HashMap<String, usize>, HashMap<String, HashSet<i
 /// Waits (30 s at most) until every lane of every outbox is held, evenly, by `instances`
 /// instances; returns per database URL and instance the lane sessions seen.
 async fn wait_for_spread(
-    boxes: &[Box_],
+    boxes: &[TestOutbox],
     lanes: usize,
     instances: usize,
     what: &str,
@@ -133,9 +124,9 @@ async fn one_fleet_serves_outboxes_on_two_databases_within_its_session_budget_an
     let other = TestDatabase::new().await;
     let main = database_url();
     let boxes = vec![
-        Box_::new(&main, LANES as u16, &create_topic("fleet-a", 4).await).await,
-        Box_::new(&main, LANES as u16, &create_topic("fleet-b", 4).await).await,
-        Box_::new(&other.url, LANES as u16, &create_topic("fleet-c", 4).await).await,
+        TestOutbox::new(&main, LANES as u16, &create_topic("fleet-a", 4).await).await,
+        TestOutbox::new(&main, LANES as u16, &create_topic("fleet-b", 4).await).await,
+        TestOutbox::new(&other.url, LANES as u16, &create_topic("fleet-c", 4).await).await,
     ];
     let specs: Vec<String> = ["a", "b", "c"]
         .iter()

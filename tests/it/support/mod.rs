@@ -88,18 +88,22 @@ impl TestSchema {
 
 impl Drop for TestSchema {
     fn drop(&mut self) {
-        let sql = format!("DROP SCHEMA IF EXISTS {} CASCADE", self.name.ident());
-        // Drop runs inside the test's runtime: clean up on a thread of its own.
-        let _ = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-            rt.block_on(async {
-                if let Ok(c) = DbConfig::parse(&database_url()).unwrap().connect().await {
-                    let _ = c.batch_execute(&sql).await;
-                }
-            });
-        })
-        .join();
+        clean_up(format!("DROP SCHEMA IF EXISTS {} CASCADE", self.name.ident()));
     }
+}
+
+/// Runs `sql` on the test database from a `Drop` (which runs inside the test's runtime: on a
+/// thread of its own), ignoring failures.
+pub fn clean_up(sql: String) {
+    let _ = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async {
+            if let Ok(c) = DbConfig::parse(&database_url()).unwrap().connect().await {
+                let _ = c.batch_execute(&sql).await;
+            }
+        });
+    })
+    .join();
 }
 
 /// Counts rows of a query returning one bigint.
