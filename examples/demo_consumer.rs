@@ -58,6 +58,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
         tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
     }
+    // Spans of each handled message when OTEL_EXPORTER_OTLP_ENDPOINT is set; flushed at exit.
+    let _traces = match outbox_relay::traces::Settings::from_env("outbox-demo-consumer")? {
+        Some(s) => Some(outbox_relay::traces::install(&s)?),
+        None => None,
+    };
     // Installed first, so that a SIGUSR1 never finds the default action (terminate) in place.
     let crash_armed = Arc::new(AtomicBool::new(false));
     let crash_on_sigusr1 = std::env::var("DEMO_CRASH_ON_SIGUSR1").is_ok_and(|v| v == "1");

@@ -10,6 +10,8 @@
 //! - [`classify`]: every error, classified once where it enters: retry or not.
 //! - [`retry`]: capped exponential backoff with full jitter.
 //! - [`telemetry`]: every metric, defined once (name, unit, help, labels).
+//! - [`traces`] (feature `kafka`): OpenTelemetry spans of each message, relay and consumer, over
+//!   OTLP when an endpoint is configured.
 //! - [`health`] (feature `relay`): `/metrics`, `/healthz`, `/readyz`.
 //! - [`horizon`]: queue health: who holds back PostgreSQL's cleanup of the outbox.
 //! - [`ops`] (feature `relay`): what the operator commands read and change: dead letters,
@@ -53,3 +55,5 @@ pub mod relay;
 pub mod retry;
 pub mod schema;
 pub mod telemetry;
+#[cfg(feature = "kafka")]
+pub mod traces;

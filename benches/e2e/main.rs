@@ -23,9 +23,10 @@
 //!     alone and relay.
 //! 11. Many outboxes: 200 tenant schemas on two instances with a session budget; a single row in
 //!     an idle tenant while another drains a backlog.
+//! 12. Traces: the relay's throughput with traces off and on (1% sampled, exported).
 //!
 //! This file holds the shared pieces (services, schemas, payloads, paced writers) and `main`;
-//! `throughput.rs` sections 1, 5 and 10, `latency.rs` 2, 3 and 6, `inbox.rs` 4, `held.rs` 7, `reconcile.rs` 9, `fleet.rs` 11.
+//! `throughput.rs` sections 1, 5 and 10, `latency.rs` 2, 3 and 6, `inbox.rs` 4, `held.rs` 7, `reconcile.rs` 9, `fleet.rs` 11, `traces.rs` 12.
 
 #![allow(missing_docs)]
 
@@ -60,6 +61,7 @@ mod inbox;
 mod latency;
 mod reconcile;
 mod throughput;
+mod traces;
 
 struct Ctx {
     db: DbConfig,
@@ -458,7 +460,8 @@ async fn main() -> Res<()> {
         throughput::compression(&mut ctx).await?;
     }
     // 11. Many outboxes: BENCH_TENANTS schemas (200; 20 with --short), a backlog of
-    // BENCH_TENANT_BACKLOG rows (200,000; 20,000 with --short).
+    // BENCH_TENANT_BACKLOG rows (200,000; 20,000 with --short), BENCH_FLEET_SESSIONS lane
+    // sessions per instance (16).
     if run(11) {
         let tenants = std::env::var("BENCH_TENANTS").ok().and_then(|v| v.parse().ok()).unwrap_or(ctx.size(20, 200));
         let backlog = std::env::var("BENCH_TENANT_BACKLOG")
@@ -466,7 +469,13 @@ async fn main() -> Res<()> {
             .and_then(|v| v.parse().ok())
             .unwrap_or(ctx.size(20_000, 200_000));
         ctx.quiesce().await?;
-        fleet::many_tenants(&mut ctx, tenants, backlog, 16).await?;
+        let budget = std::env::var("BENCH_FLEET_SESSIONS").ok().and_then(|v| v.parse().ok()).unwrap_or(16);
+        fleet::many_tenants(&mut ctx, tenants, backlog, budget).await?;
+    }
+    // 12. What traces cost the relay.
+    if run(12) {
+        ctx.quiesce().await?;
+        traces::tracing_cost(&mut ctx).await?;
     }
     // 7. Held snapshot: BENCH_HELD_MINUTES long (10 by default, 2 with --short), ten windows.
     if run(7) {

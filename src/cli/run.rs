@@ -139,6 +139,14 @@ fn parse_mapping(s: &str) -> Result<(String, String), String> {
 }
 
 pub(crate) async fn run(global: &Global, args: RunArgs) -> Result<(), CliError> {
+    // Traces when OTEL_EXPORTER_OTLP_ENDPOINT says where (outbox_relay::traces); flushed at exit.
+    let _traces = match outbox_relay::traces::Settings::from_env("outbox-relay")? {
+        Some(s) => {
+            tracing::info!(endpoint = %s.endpoint, sampled = s.ratio, "exporting traces over OTLP");
+            Some(outbox_relay::traces::install(&s)?)
+        }
+        None => None,
+    };
     let mut outboxes = global.outboxes()?;
     let patterns = args.schema_pattern.clone();
     let migrate = args.migrate;

@@ -137,12 +137,45 @@ fn inbox_message(m: &ConsumedMessage) -> InboxMessage<'_> {
     InboxMessage::new(m.id, m.payload.as_deref()).at(&m.topic, m.partition, m.offset).sequenced(m.lane(), m.seq())
 }
 
+/// The runner's span of a message (`outbox process`), a child of the record's `traceparent`;
+/// `None` when traces are off.
+fn process_span<H>(shared: &Shared<H>, m: &ConsumedMessage) -> Option<crate::traces::Span> {
+    use opentelemetry::KeyValue;
+    crate::traces::Span::start(
+        "outbox process",
+        opentelemetry::trace::SpanKind::Consumer,
+        m.header("traceparent"),
+        None,
+        vec![
+            KeyValue::new("messaging.system", "kafka"),
+            KeyValue::new("messaging.destination.name", m.topic.clone()),
+            KeyValue::new("messaging.destination.partition.id", i64::from(m.partition)),
+            KeyValue::new("messaging.kafka.offset", m.offset),
+            KeyValue::new("messaging.message.id", m.id.to_string()),
+            KeyValue::new("messaging.consumer.group.name", shared.inbox.consumer().to_owned()),
+        ],
+    )
+}
+
+/// Records on a message's span what became of it: the dedup outcome and the handler's time.
+fn settle_span(span: Option<crate::traces::Span>, outcome: &'static str, handler: Option<std::time::Duration>) {
+    if let Some(mut span) = span {
+        span.set(opentelemetry::KeyValue::new("outbox.dedup", outcome));
+        if let Some(d) = handler {
+            span.set(opentelemetry::KeyValue::new("outbox.handler_ms", d.as_secs_f64() * 1000.0));
+        }
+        span.event("committed");
+    }
+}
+
 /// One transaction, one dedup statement for the whole batch; any handler error rolls it all back.
 async fn apply_batch<H: Handler>(
     shared: &Shared<H>,
     db: &mut Option<Pooled>,
     msgs: &[ConsumedMessage],
 ) -> Result<(), String> {
+    let mut spans: Vec<Option<crate::traces::Span>> = msgs.iter().map(|m| process_span(shared, m)).collect();
+    let mut took: Vec<Option<std::time::Duration>> = vec![None; msgs.len()];
     let client = session(&shared.pool, db).await?;
     let tx = client.transaction().await.map_err(|e| e.to_string())?;
     let inbox_msgs: Vec<InboxMessage<'_>> = msgs.iter().map(inbox_message).collect();
@@ -151,10 +184,16 @@ async fn apply_batch<H: Handler>(
         return Err("a conflicting redelivery in the batch".into());
     }
     let (mut processed, mut duplicates) = (0, 0);
-    for (m, o) in msgs.iter().zip(&outcomes) {
+    for (i, (m, o)) in msgs.iter().zip(&outcomes).enumerate() {
         if *o == InboxOutcome::Processed {
             let began = std::time::Instant::now();
-            shared.handler.handle(&tx, m).await.map_err(|e| e.to_string())?;
+            if let Err(e) = shared.handler.handle(&tx, m).await {
+                if let Some(s) = spans[i].as_mut() {
+                    s.fail("the handler failed: the batch was rolled back and its messages go one by one");
+                }
+                return Err(e.to_string());
+            }
+            took[i] = Some(began.elapsed());
             crate::telemetry::handler_time(shared.inbox.consumer(), began.elapsed());
             processed += 1;
         } else {
@@ -162,6 +201,10 @@ async fn apply_batch<H: Handler>(
         }
     }
     tx.commit().await.map_err(|e| e.to_string())?;
+    for ((span, o), t) in spans.iter_mut().zip(&outcomes).zip(took) {
+        let outcome = if *o == InboxOutcome::Processed { "processed" } else { "duplicate" };
+        settle_span(span.take(), outcome, t);
+    }
     shared.stats.processed.fetch_add(processed, Ordering::Relaxed);
     shared.stats.duplicates.fetch_add(duplicates, Ordering::Relaxed);
     crate::telemetry::inbox(shared.inbox.consumer(), processed, duplicates, 0);
@@ -170,6 +213,9 @@ async fn apply_batch<H: Handler>(
 
 /// One message: dedup, handler, commit; handler errors retried in place, then poison.
 async fn apply_one<H: Handler>(shared: &Shared<H>, db: &mut Option<Pooled>, m: &ConsumedMessage) -> Next {
+    let mut span = process_span(shared, m);
+    // The handler's time, in microseconds (0: not run).
+    let took = std::sync::atomic::AtomicU64::new(0);
     let mut attempt = 0u32;
     let mut db_failures = 0u32;
     loop {
@@ -184,6 +230,7 @@ async fn apply_one<H: Handler>(shared: &Shared<H>, db: &mut Option<Pooled>, m: &
                 InboxOutcome::Processed => {
                     let began = std::time::Instant::now();
                     let handled = shared.handler.handle(&tx, m).await;
+                    took.store(began.elapsed().as_micros().max(1) as u64, Ordering::Relaxed);
                     crate::telemetry::handler_time(shared.inbox.consumer(), began.elapsed());
                     handled.map_err(|e| Step::Handler(e.to_string()))?;
                     // A deferred constraint the handler's writes break fails here: the message's
@@ -206,15 +253,23 @@ async fn apply_one<H: Handler>(shared: &Shared<H>, db: &mut Option<Pooled>, m: &
             Ok(InboxOutcome::Processed) => {
                 shared.stats.processed.fetch_add(1, Ordering::Relaxed);
                 crate::telemetry::inbox(shared.inbox.consumer(), 1, 0, 0);
+                let handler =
+                    Some(took.load(Ordering::Relaxed)).filter(|t| *t > 0).map(std::time::Duration::from_micros);
+                settle_span(span.take(), "processed", handler);
                 return Next::Continue;
             }
             Ok(InboxOutcome::Duplicate) => {
+                settle_span(span.take(), "duplicate", None);
                 shared.stats.duplicates.fetch_add(1, Ordering::Relaxed);
                 crate::telemetry::inbox(shared.inbox.consumer(), 0, 1, 0);
                 tracing::debug!(message_id = %m.id, topic = %m.topic, partition = m.partition, offset = m.offset, "duplicate skipped");
                 return Next::Continue;
             }
             Ok(InboxOutcome::Conflict { .. }) => {
+                if let Some(mut s) = span.take() {
+                    s.set(opentelemetry::KeyValue::new("outbox.dedup", "conflict"));
+                    s.fail("same message id, different payload: dead-lettered");
+                }
                 shared.stats.conflicts.fetch_add(1, Ordering::Relaxed);
                 crate::telemetry::inbox(shared.inbox.consumer(), 0, 0, 1);
                 tracing::error!(message_id = %m.id, topic = %m.topic, partition = m.partition, offset = m.offset,

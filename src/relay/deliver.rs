@@ -45,6 +45,8 @@ enum Slot {
     /// With the producer; the report is awaited.
     Queued {
         topic: String,
+        /// The message's span, when traces are on and it is sampled (`crate::traces`).
+        span: Option<crate::traces::Span>,
     },
     Done(Outcome),
 }
@@ -167,8 +169,17 @@ impl Window {
             return;
         };
         let i = report.ticket.wrapping_sub(batch.first_ticket) as usize;
-        let Slot::Queued { topic } = &batch.slots[i] else { return };
+        let Slot::Queued { topic, span } = &mut batch.slots[i] else { return };
         let row = &batch.rows[i];
+        if let Some(mut span) = span.take() {
+            match &report.result {
+                Ok((partition, offset)) => {
+                    span.set(opentelemetry::KeyValue::new("messaging.destination.partition.id", i64::from(*partition)));
+                    span.set(opentelemetry::KeyValue::new("messaging.kafka.offset", *offset));
+                }
+                Err(e) => span.fail(&describe(e)),
+            }
+        }
         let outcome = match report.result {
             Ok((partition, offset)) => {
                 if offset < 0 {
@@ -296,9 +307,9 @@ impl Window {
                 continue;
             }
             let slot = match send_one(shared, &generation, row, opaque, deadline).await {
-                Sent::Queued(topic) => {
+                Sent::Queued(topic, span) => {
                     unresolved += 1;
-                    Slot::Queued { topic }
+                    Slot::Queued { topic, span }
                 }
                 Sent::Refused(error, classified) => {
                     if let Some(k) = row.key.as_deref() {
@@ -372,7 +383,7 @@ pub(super) async fn retire_failed(shared: &Shared, generation: &Generation, outc
 }
 
 enum Sent {
-    Queued(String),
+    Queued(String, Option<crate::traces::Span>),
     Refused(String, Classified),
     /// Not sent: the generation was retired (replaced) under the batch.
     Retired,
@@ -398,12 +409,15 @@ async fn send_one(
     if let Err(e) = validate_topic(&topic) {
         return malformed(e.to_string());
     }
-    let headers = envelope::headers(row, &shared.source);
+    let span = publish_span(row, &topic);
+    let traceparent = span.as_ref().and_then(|s| s.traceparent());
+    let headers =
+        envelope::with_traceparent(row, &shared.source, traceparent.as_deref().or(row.traceparent.as_deref()));
     let mut record =
         envelope::routed_record(&topic, row.key.as_deref().map(str::as_bytes), row.payload.as_deref(), headers, opaque);
     loop {
         match generation.send(record) {
-            Ok(()) => return Sent::Queued(topic.clone()),
+            Ok(()) => return Sent::Queued(topic.clone(), span),
             Err(SendError::Retired) => return Sent::Retired,
             Err(SendError::Kafka(KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
                 // librdkafka's queue is full: wait for acknowledgements to make room.
@@ -416,6 +430,31 @@ async fn send_one(
             Err(SendError::Kafka(e, _)) => return Sent::Refused(describe(&e), classify::kafka(&e)),
         }
     }
+}
+
+/// The message's span (`outbox publish`), a child of the writer's `traceparent`, from the row's
+/// write to its acknowledgement; `None` when traces are off.
+fn publish_span(row: &ClaimedRow, topic: &str) -> Option<crate::traces::Span> {
+    use opentelemetry::KeyValue;
+    let written: std::time::SystemTime = row.created_at.into();
+    let mut span = crate::traces::Span::start(
+        "outbox publish",
+        opentelemetry::trace::SpanKind::Producer,
+        row.traceparent.as_deref(),
+        Some(written),
+        vec![
+            KeyValue::new("messaging.system", "kafka"),
+            KeyValue::new("messaging.destination.name", topic.to_owned()),
+            KeyValue::new("messaging.message.id", row.id.to_string()),
+            KeyValue::new("outbox.lane", i64::from(row.lane)),
+            KeyValue::new("outbox.seq", row.seq),
+            KeyValue::new("outbox.attempt", i64::from(row.attempts) + 1),
+        ],
+    )?;
+    // The claim is `age_ms` after the write (the row's age when it was read).
+    span.event_at("claimed", written + std::time::Duration::from_millis(row.age_ms.max(0) as u64));
+    span.event("produced");
+    Some(span)
 }
 
 /// An error for `last_error` and the logs: the Kafka error, never the payload.

@@ -43,6 +43,12 @@ pub(crate) fn routed_record<'a>(
 
 /// Builds the headers of one row's record.
 pub fn headers(row: &ClaimedRow, source: &str) -> OwnedHeaders {
+    with_traceparent(row, source, row.traceparent.as_deref())
+}
+
+/// Builds the headers of one row's record with `traceparent` (the relay's span, when it traces
+/// the row) in place of the writer's.
+pub fn with_traceparent(row: &ClaimedRow, source: &str, traceparent: Option<&str>) -> OwnedHeaders {
     let time = row.created_at.to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
     let id = row.id.hyphenated().to_string();
     let ce_type = row.message_type.as_deref().unwrap_or(&row.topic);
@@ -58,8 +64,8 @@ pub fn headers(row: &ClaimedRow, source: &str) -> OwnedHeaders {
         .insert(Header { key: "content-type", value: Some(content_type) })
         .insert(Header { key: LANE_HEADER, value: Some(lane.as_str()) })
         .insert(Header { key: SEQ_HEADER, value: Some(seq.as_str()) });
-    if let Some(tp) = &row.traceparent {
-        h = h.insert(Header { key: "traceparent", value: Some(tp.as_str()) });
+    if let Some(tp) = traceparent {
+        h = h.insert(Header { key: "traceparent", value: Some(tp) });
     }
     if let Some(c) = &row.correlation_id {
         h = h.insert(Header { key: "correlation_id", value: Some(c.as_str()) });

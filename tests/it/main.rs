@@ -15,5 +15,6 @@ mod operators;
 mod reconcile;
 mod relay;
 mod tls;
+mod traces;
 mod writer;
 mod writers_other_languages;
