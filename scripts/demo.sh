@@ -8,6 +8,8 @@
 # unless written = delivered = applied.
 #
 #   DEMO_ORDERS (20000)  orders to write        DEMO_RATE (4000)  orders per second
+#   DEMO_RELAY_METRICS_ADDR  where the relay serves /metrics (any free port by default);
+#   DEMO_METRICS_ADDR        where the demo consumer serves its own (not served by default)
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
@@ -53,7 +55,7 @@ export OUTBOX_SCHEMA=$schema DEMO_TOPIC=$topic DEMO_GROUP=$group OUTBOX_LOG=${OU
 
 start_relay() {
   "$bin" run --schema "$schema" --archive --heartbeat-interval 500ms --instance-timeout 3s \
-    --metrics-addr "${DEMO_METRICS_ADDR:-127.0.0.1:0}" >>"$out/relay.log" 2>&1 &
+    --metrics-addr "${DEMO_RELAY_METRICS_ADDR:-127.0.0.1:0}" >>"$out/relay.log" 2>&1 &
   relay_pid=$!
   pids+=("$relay_pid")
 }
