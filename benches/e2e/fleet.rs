@@ -92,8 +92,15 @@ pub(super) async fn many_tenants(ctx: &mut Ctx, tenants: usize, backlog: usize, 
     eprintln!("fleet: {tenants} schemas migrated in {:.1} s", setup.elapsed().as_secs_f64());
     let busy_topic = ctx.topic("tenants-busy", 4).await?;
     let idle_topic = ctx.topic("tenants-idle", 4).await?;
-    let specs: Vec<OutboxSpec> =
-        schemas.iter().map(|s| OutboxSpec { name: "tenants".into(), db: ctx.db.clone(), schema: s.clone() }).collect();
+    let specs: Vec<OutboxSpec> = schemas
+        .iter()
+        .map(|s| OutboxSpec {
+            name: "tenants".into(),
+            db: ctx.db.clone(),
+            schema: s.clone(),
+            overrides: Default::default(),
+        })
+        .collect();
     let mut base = ctx.relay_config(&schemas[0]);
     base.archive = true;
     base.max_sessions = Some(budget);

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Args;
+use outbox_relay::db::DbConfig;
 use outbox_relay::relay::{self, kafka, DeadLetterPolicy, RelayConfig};
 use outbox_relay::retry::Backoff;
 use tokio_util::sync::CancellationToken;
@@ -116,6 +117,12 @@ pub(crate) struct RunArgs {
     /// --schema-pattern, --schema is served only when named by an --outbox too.
     #[arg(long, value_name = "PATTERN")]
     schema_pattern: Vec<String>,
+    /// A TOML file of outboxes to serve, one `[[outbox]]` table each: `name`, `schema`, optionally
+    /// `url` (default --database-url), and settings of its own (`batch_size`, `max_in_flight`,
+    /// `max_attempts`, `retry_base`, `retry_cap`, `dead_letter_policy`, `topic_prefix`, `topic_map`,
+    /// `archive`, `source`) over the command line's.
+    #[arg(long, env = "OUTBOX_FILE")]
+    outbox_file: Option<PathBuf>,
     /// Install or upgrade the outbox of a schema --schema-pattern finds that is not migrated,
     /// instead of passing it by with an error.
     #[arg(long)]
@@ -148,6 +155,10 @@ pub(crate) async fn run(global: &Global, args: RunArgs) -> Result<(), CliError> 
         None => None,
     };
     let mut outboxes = global.outboxes()?;
+    if let Some(path) = &args.outbox_file {
+        let default = global.db_config().ok();
+        outboxes.extend(relay::read_outbox_file(path, default.as_ref())?);
+    }
     let patterns = args.schema_pattern.clone();
     let migrate = args.migrate;
     if migrate && patterns.is_empty() {
@@ -155,17 +166,22 @@ pub(crate) async fn run(global: &Global, args: RunArgs) -> Result<(), CliError> 
                     (for one schema run `outbox-relay migrate`)"
             .into());
     }
-    // Without --outbox and --schema-pattern: the one outbox of --database-url and --schema.
+    // Without --outbox, --outbox-file and --schema-pattern: the one outbox of --database-url and --schema.
     let db = if outboxes.is_empty() || !patterns.is_empty() { Some(global.db_config()?) } else { None };
     if outboxes.is_empty() && patterns.is_empty() {
         let db = db.clone().expect("asked for");
-        outboxes.push(relay::OutboxSpec { name: global.schema().to_string(), db, schema: global.schema().clone() });
+        outboxes.push(relay::OutboxSpec {
+            name: global.schema().to_string(),
+            db,
+            schema: global.schema().clone(),
+            overrides: relay::Overrides::default(),
+        });
     }
     let discover = patterns
         .into_iter()
         .map(|pattern| relay::Discovery { db: db.clone().expect("asked for"), pattern, migrate })
         .collect();
-    let config = config(global, args)?;
+    let config = config(global, args, outboxes.first().map(|o| o.db.clone()))?;
     let shutdown = CancellationToken::new();
     tokio::spawn(stop_on_signal(shutdown.clone()));
     let stats = std::sync::Arc::new(relay::RelayStats::default());
@@ -175,12 +191,12 @@ pub(crate) async fn run(global: &Global, args: RunArgs) -> Result<(), CliError> 
 
 /// The relay's configuration from the command line (flags and environment): what every outbox
 /// it serves shares (the database and schema are the default outbox's, replaced per outbox).
-fn config(global: &Global, args: RunArgs) -> Result<RelayConfig, CliError> {
-    let db = match global.db_config() {
-        Ok(db) => db,
-        // Every outbox named by --outbox with its own URL.
-        Err(_) if !global.outbox.is_empty() => global.outboxes()?.remove(0).db,
-        Err(e) => return Err(e),
+fn config(global: &Global, args: RunArgs, fallback: Option<DbConfig>) -> Result<RelayConfig, CliError> {
+    let db = match (global.db_config(), fallback) {
+        (Ok(db), _) => db,
+        // Every outbox named with its own URL (--outbox, --outbox-file): no --database-url needed.
+        (Err(_), Some(db)) => db,
+        (Err(e), None) => return Err(e),
     };
     let mut config = RelayConfig::new(db, global.schema().clone(), args.kafka_brokers);
     if let Some(path) = &args.kafka_config_file {
@@ -265,7 +281,7 @@ mod tests {
         ])
         .unwrap();
         let Command::Run(args) = cli.command else { panic!("parsed as another command") };
-        let mut from_cli = config(&cli.global, args).unwrap();
+        let mut from_cli = config(&cli.global, args, None).unwrap();
         let lib = RelayConfig::new(cli.global.db_config().unwrap(), cli.global.schema().clone(), "broker:9092");
         from_cli.instance_id = lib.instance_id;
         // The one deliberate difference: the daemon serves /metrics by default, an embedded relay

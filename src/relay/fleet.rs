@@ -25,7 +25,7 @@ use crate::schema::{self, SchemaName};
 use crate::telemetry::OutboxLabel;
 
 /// One outbox to serve: its name (the `outbox` label of its metrics and log lines), database and
-/// schema.
+/// schema, and the settings it has of its own.
 #[derive(Debug, Clone)]
 pub struct OutboxSpec {
     /// The name in metrics and logs.
@@ -34,6 +34,145 @@ pub struct OutboxSpec {
     pub db: DbConfig,
     /// The schema holding the outbox.
     pub schema: SchemaName,
+    /// Settings of this outbox's own, over the instance's.
+    pub overrides: Overrides,
+}
+
+/// Settings an outbox of `run --outbox-file` may have of its own; what it does not set is the
+/// instance's (the command line's).
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    /// Rows read and produced per batch.
+    pub batch_size: Option<usize>,
+    /// Rows a lane may hold between claim and delete.
+    pub max_in_flight: Option<usize>,
+    /// Attempts before a row is dead-lettered.
+    pub max_attempts: Option<u32>,
+    /// The first retry delay ceiling.
+    pub retry_base: Option<Duration>,
+    /// The largest retry delay.
+    pub retry_cap: Option<Duration>,
+    /// What happens to later messages of a dead-lettered message's key.
+    pub dead_letter_policy: Option<super::DeadLetterPolicy>,
+    /// Prefix for every topic.
+    pub topic_prefix: Option<String>,
+    /// Topic renames (replace the instance's).
+    pub topic_map: Option<HashMap<String, String>>,
+    /// Archive delivered rows.
+    pub archive: Option<bool>,
+    /// The CloudEvents `ce_source`.
+    pub source: Option<String>,
+}
+
+impl Overrides {
+    fn apply(&self, c: &mut RelayConfig) {
+        if let Some(v) = self.batch_size {
+            c.batch_size = v;
+        }
+        if let Some(v) = self.max_in_flight {
+            c.max_in_flight = v;
+        }
+        if let Some(v) = self.max_attempts {
+            c.max_attempts = v;
+        }
+        if let Some(v) = self.retry_base {
+            c.retry.base = v;
+        }
+        if let Some(v) = self.retry_cap {
+            c.retry.cap = v;
+        }
+        if let Some(v) = self.dead_letter_policy {
+            c.dead_letter_policy = v;
+        }
+        if let Some(v) = &self.topic_prefix {
+            c.topic_prefix = v.clone();
+        }
+        if let Some(v) = &self.topic_map {
+            c.topic_map = v.clone();
+        }
+        if let Some(v) = self.archive {
+            c.archive = v;
+        }
+        if let Some(v) = &self.source {
+            c.source = Some(v.clone());
+        }
+    }
+}
+
+/// One entry of the outbox file, as written.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileEntry {
+    name: String,
+    url: Option<String>,
+    schema: String,
+    batch_size: Option<usize>,
+    max_in_flight: Option<usize>,
+    max_attempts: Option<u32>,
+    retry_base: Option<String>,
+    retry_cap: Option<String>,
+    dead_letter_policy: Option<String>,
+    topic_prefix: Option<String>,
+    topic_map: Option<HashMap<String, String>>,
+    archive: Option<bool>,
+    source: Option<String>,
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct OutboxFile {
+    outbox: Vec<FileEntry>,
+}
+
+/// Reads `run --outbox-file`: one `[[outbox]]` table per outbox (`name`, `schema`, optionally
+/// `url`, which defaults to `default_db`, and the settings of [`Overrides`]).
+pub fn read_outbox_file(path: &std::path::Path, default_db: Option<&DbConfig>) -> Result<Vec<OutboxSpec>, String> {
+    let at = path.display();
+    let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read --outbox-file {at}: {e}"))?;
+    let file: OutboxFile = toml::from_str(&text).map_err(|e| format!("--outbox-file {at}: {e}"))?;
+    let duration = |name: &str, field: &str, v: &Option<String>| -> Result<Option<Duration>, String> {
+        v.as_deref()
+            .map(|d| {
+                humantime::parse_duration(d)
+                    .map_err(|e| format!("--outbox-file {at}: outbox {name}: {field} {d:?}: {e}"))
+            })
+            .transpose()
+    };
+    let mut out = Vec::new();
+    for e in file.outbox {
+        let n = e.name.as_str();
+        let mut spec = OutboxSpec::parse(&format!("{n}={}#{}", e.url.as_deref().unwrap_or(""), e.schema), default_db)
+            .map_err(|m| format!("--outbox-file {at}: {}", m.replace("--outbox ", "outbox ")))?;
+        let bad = |what: String| format!("--outbox-file {at}: outbox {n}: {what}");
+        if e.batch_size.is_some_and(|b| !(1..=100_000).contains(&b)) {
+            return Err(bad("batch_size must be from 1 to 100000".into()));
+        }
+        if e.max_in_flight.is_some_and(|b| !(1..=1_000_000).contains(&b)) {
+            return Err(bad("max_in_flight must be from 1 to 1000000".into()));
+        }
+        if e.max_attempts == Some(0) {
+            return Err(bad("max_attempts must be at least 1".into()));
+        }
+        for (from, to) in e.topic_map.iter().flatten() {
+            for t in [from, to] {
+                crate::outbox::validate_topic(t).map_err(|x| bad(format!("topic_map {from:?} = {to:?}: {x}")))?;
+            }
+        }
+        spec.overrides = Overrides {
+            batch_size: e.batch_size,
+            max_in_flight: e.max_in_flight,
+            max_attempts: e.max_attempts,
+            retry_base: duration(n, "retry_base", &e.retry_base)?,
+            retry_cap: duration(n, "retry_cap", &e.retry_cap)?,
+            dead_letter_policy: e.dead_letter_policy.as_deref().map(str::parse).transpose().map_err(bad)?,
+            topic_prefix: e.topic_prefix,
+            topic_map: e.topic_map,
+            archive: e.archive,
+            source: e.source,
+        };
+        out.push(spec);
+    }
+    Ok(out)
 }
 
 impl OutboxSpec {
@@ -52,7 +191,7 @@ impl OutboxSpec {
         } else {
             DbConfig::parse(url).map_err(|e| format!("--outbox {name}: {e}"))?
         };
-        Ok(Self { name: name.to_owned(), db, schema })
+        Ok(Self { name: name.to_owned(), db, schema, overrides: Overrides::default() })
     }
 }
 
@@ -113,6 +252,7 @@ impl Instance {
         let mut config = self.base.clone();
         config.db = spec.db.clone();
         config.schema = spec.schema.clone();
+        spec.overrides.apply(&mut config);
         let source = config.source.clone().unwrap_or_else(|| format!("/outbox-relay/{}", spec.schema));
         let signals = LaneSignals::new(info.lanes);
         let channel = spec.schema.notify_channel();
@@ -313,7 +453,12 @@ async fn discover_once(
                 continue;
             }
         }
-        let spec = OutboxSpec { name: d.pattern.clone(), db: d.db.clone(), schema: schema.clone() };
+        let spec = OutboxSpec {
+            name: d.pattern.clone(),
+            db: d.db.clone(),
+            schema: schema.clone(),
+            overrides: Overrides::default(),
+        };
         match instance.start(&spec).await {
             Ok(s) => {
                 refused.remove(&place);
@@ -386,6 +531,54 @@ mod tests {
             assert!(e.contains("--outbox"), "{bad}: {e}");
         }
         assert!(OutboxSpec::parse("x=#outbox", None).unwrap_err().contains("no --database-url"));
+    }
+
+    #[test]
+    fn an_outbox_file_gives_each_outbox_its_own_settings_and_bad_ones_say_where() {
+        let dir = std::env::temp_dir().join(format!("outbox-file-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let write = |name: &str, text: &str| {
+            let p = dir.join(name);
+            std::fs::write(&p, text).unwrap();
+            p
+        };
+        let d = DbConfig::parse("postgres://relay@db0/app").unwrap();
+        let good = write(
+            "good.toml",
+            r#"
+[[outbox]]
+name = "orders"
+schema = "outbox"
+batch_size = 200
+retry_base = "50ms"
+dead_letter_policy = "park-key"
+topic_map = { "orders" = "orders.v2" }
+
+[[outbox]]
+name = "eu"
+url = "postgres://relay@db-eu/app"
+schema = "eu_outbox"
+"#,
+        );
+        let specs = read_outbox_file(&good, Some(&d)).unwrap();
+        assert_eq!(specs.len(), 2);
+        let mut c = RelayConfig::new(d.clone(), specs[0].schema.clone(), "b:9092");
+        specs[0].overrides.apply(&mut c);
+        assert_eq!((c.batch_size, c.retry.base), (200, Duration::from_millis(50)));
+        assert_eq!(c.dead_letter_policy, super::super::DeadLetterPolicy::ParkKey);
+        assert_eq!(c.topic_for("orders"), "orders.v2");
+        assert_eq!(specs[1].db.target(), "db-eu:5432/app");
+        for (text, says) in [
+            ("[[outbox]]\nname = \"a\"\nschema = \"s\"\nbatch = 3\n", "unknown field"),
+            ("[[outbox]]\nname = \"a\"\nschema = \"s\"\nretry_cap = \"soon\"\n", "outbox a: retry_cap"),
+            ("[[outbox]]\nname = \"a\"\nschema = \"s\"\nbatch_size = 0\n", "outbox a: batch_size"),
+            ("[[outbox]]\nname = \"a\"\nschema = \"s\"\ndead_letter_policy = \"drop\"\n", "unknown dead-letter policy"),
+            ("[[outbox]]\nname = \"a\"\nschema = \"Bad\"\n", "outbox a"),
+        ] {
+            let e = read_outbox_file(&write("bad.toml", text), Some(&d)).unwrap_err();
+            assert!(e.contains("bad.toml") && e.contains(says), "{text}: {e}");
+        }
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

@@ -57,7 +57,7 @@ use tokio_util::sync::CancellationToken;
 use crate::db::ConnectError;
 use crate::schema::MigrateError;
 pub use config::{DeadLetterPolicy, RelayConfig};
-pub use fleet::{run_fleet, Discovery, OutboxSpec};
+pub use fleet::{read_outbox_file, run_fleet, Discovery, OutboxSpec, Overrides};
 use kafka::KafkaConfigError;
 use lanes::LaneSignals;
 pub use stats::RelayStats;
@@ -115,6 +115,11 @@ pub async fn run_with_stats(
     shutdown: CancellationToken,
     stats: Arc<RelayStats>,
 ) -> Result<Arc<RelayStats>, RelayError> {
-    let one = OutboxSpec { name: config.schema.to_string(), db: config.db.clone(), schema: config.schema.clone() };
+    let one = OutboxSpec {
+        name: config.schema.to_string(),
+        db: config.db.clone(),
+        schema: config.schema.clone(),
+        overrides: Overrides::default(),
+    };
     run_fleet(config, vec![one], Vec::new(), shutdown, stats).await
 }

@@ -285,3 +285,42 @@ async fn schemas_a_pattern_finds_are_served_later_ones_too_and_an_unmigrated_one
     }
     let _ = std::fs::remove_file(&log_path);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_outbox_of_an_outbox_file_keeps_settings_of_its_own() {
+    let main = database_url();
+    let (ta, tb) = (create_topic("fleet-file-a", 2).await, create_topic("fleet-file-b", 2).await);
+    let a = TestOutbox::new(&main, 2, &ta).await;
+    let b = TestOutbox::new(&main, 2, &tb).await;
+    // Both write to the topic "orders"; each outbox's own topic map sends it elsewhere.
+    let path = std::env::temp_dir().join(format!("{}.toml", a.schema));
+    std::fs::write(
+        &path,
+        format!(
+            "[[outbox]]\nname = \"a\"\nschema = \"{}\"\nbatch_size = 7\ntopic_map = {{ \"orders\" = \"{ta}\" }}\n\n\
+             [[outbox]]\nname = \"b\"\nschema = \"{}\"\nmax_attempts = 3\ntopic_map = {{ \"orders\" = \"{tb}\" }}\n",
+            a.schema, b.schema
+        ),
+    )
+    .unwrap();
+    let path_text = path.display().to_string();
+    let mut relay = RelayProcess::start_with(&["--outbox-file", path_text.as_str()], Stdio::inherit());
+    let wa = write_paced_on(&main, &a.schema, "orders", 1, 40, Duration::ZERO).await;
+    let wb = write_paced_on(&main, &b.schema, "orders", 1, 30, Duration::ZERO).await;
+    let c = connect().await;
+    for o in [&a, &b] {
+        wait_until_empty_on(&c, &o.schema, Duration::from_secs(60), Duration::from_millis(100)).await;
+    }
+    assert_eq!(relay.terminate(Duration::from_secs(30)), Some(0));
+    let (fa, fb) = (
+        figures(&wa, &read_topic(&ta, 40, Duration::from_secs(30))),
+        figures(&wb, &read_topic(&tb, 30, Duration::from_secs(30))),
+    );
+    println!(
+        "figures: outbox a to its topic: distinct {} of {}; outbox b: distinct {} of {}",
+        fa.distinct, fa.committed, fb.distinct, fb.committed
+    );
+    assert_eq!((fa.distinct, fa.lost, fa.order_violations, fa.records - fa.duplicates), (40, 0, 0, 40));
+    assert_eq!((fb.distinct, fb.lost, fb.order_violations, fb.records - fb.duplicates), (30, 0, 0, 30));
+    let _ = std::fs::remove_file(&path);
+}
