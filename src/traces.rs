@@ -7,7 +7,9 @@
 //! The relay's span of a message (`outbox publish`, kind producer) is a child of the writer's
 //! `traceparent`; it starts when the row was written and ends at the broker's acknowledgement,
 //! with an event when the row was claimed and when it was handed to the producer, and the
-//! topic, partition, offset, lane, sequence and attempt. The record's `traceparent` header is the
+//! topic, partition, offset, lane, sequence and attempt; each batch with a sampled message gets an
+//! `outbox batch` span of its own, linked to those messages' spans, from its send until every row
+//! has its outcome. The record's `traceparent` header is the
 //! relay's span, so a consumer that does not use this crate continues the trace from there. The
 //! consumer runner's span of a message (`outbox process`, kind consumer) is a child of the
 //! record's `traceparent`: the dedup outcome, the handler's time, the commit.
@@ -95,9 +97,9 @@ pub fn install(settings: &Settings) -> Result<Guard, String> {
     })
     .join()
     .map_err(|_| "making the trace exporter failed".to_owned())??;
-    let sampler = opentelemetry_sdk::trace::Sampler::ParentBased(Box::new(
+    let sampler = FollowLinks(opentelemetry_sdk::trace::Sampler::ParentBased(Box::new(
         opentelemetry_sdk::trace::Sampler::TraceIdRatioBased(settings.ratio),
-    ));
+    )));
     let provider = opentelemetry_sdk::trace::SdkTracerProvider::builder()
         .with_batch_exporter(exporter)
         .with_sampler(sampler)
@@ -108,6 +110,33 @@ pub fn install(settings: &Settings) -> Result<Guard, String> {
     }
     ON.store(true, Ordering::Relaxed);
     Ok(Guard(provider))
+}
+
+/// The sampler: a batch's span (a root linked to its messages' spans) is sampled when one of
+/// those is; every other span as the parent-based ratio sampler decides.
+#[derive(Clone, Debug)]
+struct FollowLinks(opentelemetry_sdk::trace::Sampler);
+
+impl opentelemetry_sdk::trace::ShouldSample for FollowLinks {
+    fn should_sample(
+        &self,
+        parent: Option<&Context>,
+        trace_id: TraceId,
+        name: &str,
+        kind: &SpanKind,
+        attributes: &[KeyValue],
+        links: &[opentelemetry::trace::Link],
+    ) -> opentelemetry_sdk::trace::SamplingResult {
+        let root = parent.is_none_or(|p| !p.has_active_span());
+        if root && links.iter().any(|l| l.span_context.is_sampled()) {
+            return opentelemetry_sdk::trace::SamplingResult {
+                decision: opentelemetry_sdk::trace::SamplingDecision::RecordAndSample,
+                attributes: Vec::new(),
+                trace_state: TraceState::default(),
+            };
+        }
+        self.0.should_sample(parent, trace_id, name, kind, attributes, links)
+    }
 }
 
 /// Turns spans off and on again (for the overhead benchmark: both in one run).
@@ -164,6 +193,24 @@ impl Span {
             b = b.with_start_time(t);
         }
         Some(Self(tracer.build_with_context(b, &parent_cx)))
+    }
+
+    /// Starts a span of its own trace linked to `linked` (the spans of a batch's messages, which
+    /// belong to many traces); `None` when traces are off or nothing is linked.
+    pub fn linked(name: &'static str, linked: Vec<SpanContext>, attributes: Vec<KeyValue>) -> Option<Self> {
+        let tracer = tracer()?;
+        if linked.is_empty() {
+            return None;
+        }
+        let links = linked.into_iter().map(|cx| opentelemetry::trace::Link::with_context(cx)).collect();
+        let b = tracer.span_builder(name).with_kind(SpanKind::Internal).with_attributes(attributes).with_links(links);
+        Some(Self(tracer.build_with_context(b, &Context::new())))
+    }
+
+    /// The span's context, when it is sampled.
+    pub fn context(&self) -> Option<SpanContext> {
+        let cx = self.0.span_context();
+        cx.is_sampled().then(|| cx.clone())
     }
 
     /// The span's `traceparent`, when it is sampled (an unsampled span is not written anywhere).

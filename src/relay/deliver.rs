@@ -62,6 +62,9 @@ pub(super) struct Batch {
     pub(super) probing: bool,
     /// The breaker was closed when the batch was sent: only then do failures count attempts.
     pub(super) breaker_was_closed: bool,
+    /// The batch's span (`outbox batch`, linked to its sampled messages' spans); it ends when the
+    /// batch is settled (dropped).
+    _span: Option<crate::traces::Span>,
 }
 
 impl Batch {
@@ -336,6 +339,21 @@ impl Window {
         }
         shared.stats.produce_attempts.fetch_add(unresolved as u64, Ordering::Relaxed);
         self.rows += rows.len();
+        let linked: Vec<_> = slots
+            .iter()
+            .filter_map(|s| match s {
+                Slot::Queued { span: Some(span), .. } => span.context(),
+                _ => None,
+            })
+            .collect();
+        let span = crate::traces::Span::linked(
+            "outbox batch",
+            linked,
+            vec![
+                opentelemetry::KeyValue::new("outbox.lane", i64::from(rows.first().map_or(0, |r| r.lane))),
+                opentelemetry::KeyValue::new("outbox.rows", rows.len() as i64),
+            ],
+        );
         self.batches.push_back(Batch {
             rows,
             slots,
@@ -344,6 +362,7 @@ impl Window {
             deadline,
             probing,
             breaker_was_closed,
+            _span: span,
         });
     }
 }

@@ -24,6 +24,7 @@ struct Got {
     parent: String,
     name: String,
     attributes: Vec<(String, String)>,
+    links: Vec<(String, String)>,
 }
 
 /// Serves `POST /v1/traces` (OTLP/HTTP, protobuf) on `port`, keeping every span.
@@ -46,6 +47,7 @@ async fn receiver(port: u16, spans: Arc<Mutex<Vec<Got>>>) {
                         parent: hex(&s.parent_span_id),
                         name: s.name,
                         attributes,
+                        links: s.links.iter().map(|l| (hex(&l.trace_id), hex(&l.span_id))).collect(),
                     });
                 }
             }
@@ -137,13 +139,14 @@ async fn a_writers_traceparent_is_the_ancestor_of_the_consumers_span_through_the
         async move {
             let got = spans.lock().unwrap().clone();
             match got.iter().filter(|g| g.trace == trace).count() {
-                n if n >= 2 => Ok(got),
+                n if n >= 2 && got.iter().any(|g| g.name == "outbox batch") => Ok(got),
                 n => Err(format!("{n} spans of the trace so far: {got:?}")),
             }
         }
     })
     .await;
     let publish: Vec<&Got> = got.iter().filter(|g| g.name == "outbox publish").collect();
+    let batches: Vec<&Got> = got.iter().filter(|g| g.name == "outbox batch").collect();
     let process: Vec<&Got> = got.iter().filter(|g| g.name == "outbox process").collect();
     println!("figures: spans received {}, publish {}, process {}", got.len(), publish.len(), process.len());
     assert_eq!(publish.len(), 1, "one relay span, for the traced message only: {got:?}");
@@ -161,6 +164,9 @@ async fn a_writers_traceparent_is_the_ancestor_of_the_consumers_span_through_the
     }
     assert!(k.attributes.iter().any(|(k, v)| k == "outbox.dedup" && v.contains("processed")), "{:?}", k.attributes);
     assert!(has(k, "outbox.handler_ms"));
+    // The batch that carried it has a span of its own, linked to the message's.
+    assert_eq!(batches.len(), 1, "one batch span, for the one batch with a sampled message: {got:?}");
+    assert!(batches[0].links.contains(&(trace.to_owned(), r.span.clone())), "{:?}", batches[0].links);
 
     // The record carries the relay's span as its traceparent; the untraced one none.
     let records = read_topic(&topic, 2, Duration::from_secs(30));
