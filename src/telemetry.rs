@@ -104,15 +104,17 @@ pub fn describe() {
 }
 
 /// Gauges of which several outboxes under one name (the schemas one `--schema-pattern` found)
-/// each report a part: metric and labels → part (the schema) → value.
-type Parts = HashMap<(&'static str, Vec<(&'static str, String)>), HashMap<String, f64>>;
+/// each report a part: metric and labels → how the parts add up (the largest, or the sum) and
+/// part (the schema) → value.
+type Parts = HashMap<(&'static str, Vec<(&'static str, String)>), (bool, HashMap<String, f64>)>;
 static PARTS: Mutex<Option<Parts>> = Mutex::new(None);
 
 /// Sets `part`'s share of a gauge and the gauge to the sum (or the largest) of its parts.
 fn gauge_part(metric: &'static str, labels: Vec<(&'static str, String)>, part: &str, value: Option<f64>, max: bool) {
     let mut guard = PARTS.lock().expect("gauge parts lock");
     let parts = guard.get_or_insert_with(HashMap::new);
-    let of = parts.entry((metric, labels.clone())).or_default();
+    let (max, of) = parts.entry((metric, labels.clone())).or_insert_with(|| (max, HashMap::new()));
+    let max = *max;
     match value {
         Some(v) => of.insert(part.to_owned(), v),
         None => of.remove(part),
@@ -123,16 +125,39 @@ fn gauge_part(metric: &'static str, labels: Vec<(&'static str, String)>, part: &
 }
 
 /// Which outbox a figure is of: the name it carries (`outbox` label) and the part of that name
-/// it is (its schema).
-#[derive(Debug, Clone)]
+/// it is (its schema); with the handles of the histograms recorded per row or per claim, made
+/// once, so the hot path builds no label.
+#[derive(Clone)]
 pub struct OutboxLabel {
     /// The `outbox` label.
     pub name: String,
     /// The schema, one part of the name.
     pub part: String,
+    commit_to_ack: metrics::Histogram,
+    batch_size: metrics::Histogram,
+    claim: metrics::Histogram,
+}
+
+impl std::fmt::Debug for OutboxLabel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OutboxLabel").field("name", &self.name).field("part", &self.part).finish()
+    }
 }
 
 impl OutboxLabel {
+    /// The label of outbox `name`, part `part` (after the recorder is installed: the handles are
+    /// the recorder's).
+    pub fn new(name: &str, part: &str) -> Self {
+        let h = |metric: &'static str| metrics::histogram!(metric, "outbox" => name.to_owned());
+        Self {
+            name: name.to_owned(),
+            part: part.to_owned(),
+            commit_to_ack: h("outbox_relay_commit_to_ack_seconds"),
+            batch_size: h("outbox_relay_batch_size"),
+            claim: h("outbox_relay_claim_seconds"),
+        }
+    }
+
     fn labels(&self) -> Vec<(&'static str, String)> {
         vec![("outbox", self.name.clone())]
     }
@@ -143,21 +168,21 @@ impl OutboxLabel {
             let guard = PARTS.lock().expect("gauge parts lock");
             guard.as_ref().map_or(Vec::new(), |p| {
                 p.iter()
-                    .filter(|((_, l), v)| l.first() == self.labels().first() && v.contains_key(&self.part))
+                    .filter(|((_, l), (_, v))| l.first() == self.labels().first() && v.contains_key(&self.part))
                     .map(|(k, _)| k.clone())
                     .collect()
             })
         };
         for (metric, labels) in keys {
-            let max = metric.ends_with("_seconds");
-            gauge_part(metric, labels, &self.part, None, max);
+            // The aggregation is the one the gauge was made with.
+            gauge_part(metric, labels, &self.part, None, false);
         }
     }
 }
 
 /// One claim query took `d`.
 pub fn claim_time(o: &OutboxLabel, d: Duration) {
-    metrics::histogram!("outbox_relay_claim_seconds", "outbox" => o.name.clone()).record(d.as_secs_f64());
+    o.claim.record(d.as_secs_f64());
 }
 
 /// The sweep found rows behind a lane's claim cursor.
@@ -193,12 +218,12 @@ pub fn backlog(o: &OutboxLabel, rows: i64, oldest: Duration) {
 
 /// One row's write-to-acknowledgement latency.
 pub fn commit_to_ack(o: &OutboxLabel, latency: Duration) {
-    metrics::histogram!("outbox_relay_commit_to_ack_seconds", "outbox" => o.name.clone()).record(latency.as_secs_f64());
+    o.commit_to_ack.record(latency.as_secs_f64());
 }
 
 /// A produced batch's size.
 pub fn batch_size(o: &OutboxLabel, rows: usize) {
-    metrics::histogram!("outbox_relay_batch_size", "outbox" => o.name.clone()).record(rows as f64);
+    o.batch_size.record(rows as f64);
 }
 
 /// The breaker's state as a gauge (one breaker per instance).

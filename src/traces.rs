@@ -207,6 +207,11 @@ impl Span {
         Some(Self(tracer.build_with_context(b, &Context::new())))
     }
 
+    /// Whether the span is kept (sampled): attributes are worth adding only then.
+    pub fn is_recording(&self) -> bool {
+        self.0.is_recording()
+    }
+
     /// The span's context, when it is sampled.
     pub fn context(&self) -> Option<SpanContext> {
         let cx = self.0.span_context();

@@ -257,7 +257,7 @@ impl Instance {
         let signals = LaneSignals::new(info.lanes);
         let channel = spec.schema.notify_channel();
         database.add_outbox(channel.clone(), signals.clone());
-        let label = OutboxLabel { name: spec.name.clone(), part: format!("{}/{}", spec.db.target(), spec.schema) };
+        let label = OutboxLabel::new(&spec.name, &format!("{}/{}", spec.db.target(), spec.schema));
         let shared = Arc::new(Shared {
             health: self.health.clone(),
             config: config.clone(),
