@@ -174,25 +174,33 @@ pub fn traceparent(cx: &SpanContext) -> String {
 pub struct Span(opentelemetry_sdk::trace::Span);
 
 impl Span {
-    /// Starts a span, a child of `parent` (a `traceparent`) when it names one; `None` when traces
-    /// are off.
+    /// Starts a span, a child of `parent` (a `traceparent`) when it names one, with the
+    /// attributes `attributes` makes; `None` when traces are off or the span is not sampled (it
+    /// would be neither kept nor written, so its attributes are not made at all).
     pub fn start(
         name: &'static str,
         kind: SpanKind,
         parent: Option<&str>,
         started: Option<SystemTime>,
-        attributes: Vec<KeyValue>,
+        attributes: impl FnOnce() -> Vec<KeyValue>,
     ) -> Option<Self> {
         let tracer = tracer()?;
         let parent_cx = match parent.and_then(parse_traceparent) {
             Some(sc) => Context::new().with_remote_span_context(sc),
             None => Context::new(),
         };
-        let mut b = tracer.span_builder(name).with_kind(kind).with_attributes(attributes);
+        let mut b = tracer.span_builder(name).with_kind(kind);
         if let Some(t) = started {
             b = b.with_start_time(t);
         }
-        Some(Self(tracer.build_with_context(b, &parent_cx)))
+        let mut span = Self(tracer.build_with_context(b, &parent_cx));
+        if !span.is_recording() {
+            return None;
+        }
+        for kv in attributes() {
+            span.set(kv);
+        }
+        Some(span)
     }
 
     /// Starts a span of its own trace linked to `linked` (the spans of a batch's messages, which
@@ -316,6 +324,6 @@ mod tests {
 
     #[test]
     fn without_an_endpoint_traces_are_off_and_cost_nothing() {
-        assert!(Span::start("x", SpanKind::Internal, None, None, Vec::new()).is_none());
+        assert!(Span::start("x", SpanKind::Internal, None, None, Vec::new).is_none());
     }
 }

@@ -141,28 +141,22 @@ fn inbox_message(m: &ConsumedMessage) -> InboxMessage<'_> {
 /// `None` when traces are off.
 fn process_span<H>(shared: &Shared<H>, m: &ConsumedMessage) -> Option<crate::traces::Span> {
     use opentelemetry::KeyValue;
-    let mut span = crate::traces::Span::start(
+    crate::traces::Span::start(
         "outbox process",
         opentelemetry::trace::SpanKind::Consumer,
         m.header("traceparent"),
         None,
-        Vec::new(),
-    )?;
-    // An unsampled span is not kept: its attributes would be made for nothing.
-    if !span.is_recording() {
-        return None;
-    }
-    for kv in [
-        KeyValue::new("messaging.system", "kafka"),
-        KeyValue::new("messaging.destination.name", m.topic.clone()),
-        KeyValue::new("messaging.destination.partition.id", i64::from(m.partition)),
-        KeyValue::new("messaging.kafka.offset", m.offset),
-        KeyValue::new("messaging.message.id", m.id.to_string()),
-        KeyValue::new("messaging.consumer.group.name", shared.inbox.consumer().to_owned()),
-    ] {
-        span.set(kv);
-    }
-    Some(span)
+        || {
+            vec![
+                KeyValue::new("messaging.system", "kafka"),
+                KeyValue::new("messaging.destination.name", m.topic.clone()),
+                KeyValue::new("messaging.destination.partition.id", i64::from(m.partition)),
+                KeyValue::new("messaging.kafka.offset", m.offset),
+                KeyValue::new("messaging.message.id", m.id.to_string()),
+                KeyValue::new("messaging.consumer.group.name", shared.inbox.consumer().to_owned()),
+            ]
+        },
+    )
 }
 
 /// Records on a message's span what became of it: the dedup outcome and the handler's time.

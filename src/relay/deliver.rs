@@ -461,22 +461,17 @@ fn publish_span(row: &ClaimedRow, topic: &str) -> Option<crate::traces::Span> {
         opentelemetry::trace::SpanKind::Producer,
         row.traceparent.as_deref(),
         Some(written),
-        Vec::new(),
+        || {
+            vec![
+                KeyValue::new("messaging.system", "kafka"),
+                KeyValue::new("messaging.destination.name", topic.to_owned()),
+                KeyValue::new("messaging.message.id", row.id.to_string()),
+                KeyValue::new("outbox.lane", i64::from(row.lane)),
+                KeyValue::new("outbox.seq", row.seq),
+                KeyValue::new("outbox.attempt", i64::from(row.attempts) + 1),
+            ]
+        },
     )?;
-    // An unsampled span is neither kept nor written: its attributes would be made for nothing.
-    if !span.is_recording() {
-        return None;
-    }
-    for kv in [
-        KeyValue::new("messaging.system", "kafka"),
-        KeyValue::new("messaging.destination.name", topic.to_owned()),
-        KeyValue::new("messaging.message.id", row.id.to_string()),
-        KeyValue::new("outbox.lane", i64::from(row.lane)),
-        KeyValue::new("outbox.seq", row.seq),
-        KeyValue::new("outbox.attempt", i64::from(row.attempts) + 1),
-    ] {
-        span.set(kv);
-    }
     // The claim is `age_ms` after the write (the row's age when it was read).
     span.event_at("claimed", written + std::time::Duration::from_millis(row.age_ms.max(0) as u64));
     span.event("produced");
