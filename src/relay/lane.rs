@@ -36,6 +36,11 @@ pub(super) struct LaneState {
     /// Where the next claim starts: every row below it was delivered or dead-lettered, is in the
     /// window, or committed late (announced by its NOTIFY or found by the sweep).
     pub(super) cursor: i64,
+    /// One past the highest sequence this loop handed to the producer. Every row in the window or
+    /// still being deleted is below it, so a claim's rows below it are checked against those; the
+    /// cursor alone does not say so, as a claim from below it that read only such rows moves the
+    /// cursor back to go on from where that claim stopped.
+    pub(super) taken_to: i64,
     /// The next claim reads the whole lane (from its start, no upper bound): after a wait that no
     /// NOTIFY ended, so that rows written without one are found.
     pub(super) full_claim: bool,
@@ -69,6 +74,7 @@ pub(crate) async fn run_lane(
     let mut window = Window::new(shared.producer.router().open());
     let mut st = LaneState {
         cursor: lanes::FROM_START,
+        taken_to: lanes::FROM_START,
         full_claim: true,
         more: true,
         retry_at: None,
@@ -234,9 +240,10 @@ async fn claim_and_send(
     probing: bool,
 ) -> Result<(), LaneExit> {
     let range = shared.signals.claim_range(lane, st.cursor, std::mem::take(&mut st.full_claim));
-    // A claim from below the cursor (a late row, a full read) also meets the rows in the window:
-    // ask for that many more, and leave them out (and acknowledged ones not deleted yet).
-    let below = range.from < st.cursor && !(window.is_empty() && deleting.is_empty());
+    // A claim from below what this loop took (a late row, a full read, a cursor moved back to go
+    // on reading below) also meets the rows in the window: ask for that many more, and leave them
+    // out (and acknowledged ones not deleted yet).
+    let below = range.from < st.cursor.max(st.taken_to) && !(window.is_empty() && deleting.is_empty());
     let ask = if below { limit + window.rows() } else { limit };
     shared.stats.claims.fetch_add(1, Ordering::Relaxed);
     let claim_started = std::time::Instant::now();
@@ -264,7 +271,7 @@ async fn claim_and_send(
     let last_read = claimed.last().map(|r| r.seq);
     note_looked_below(&mut st.looked_below, &claimed, range.from, ask);
     let mut rows = claimed;
-    if !(window.is_empty() && deleting.is_empty()) && rows.first().is_some_and(|r| r.seq < st.cursor) {
+    if !(window.is_empty() && deleting.is_empty()) && rows.first().is_some_and(|r| r.seq < st.taken_to) {
         let in_window: HashSet<i64> = window.seqs().collect();
         rows.retain(|r| !in_window.contains(&r.seq) && !deleting.contains(&r.seq));
     }
@@ -289,6 +296,9 @@ async fn claim_and_send(
         None => st.more = full,
     }
     rows.truncate(ready);
+    if let Some(last) = rows.last() {
+        st.taken_to = st.taken_to.max(last.seq + 1);
+    }
     if rows.is_empty() {
         if probing {
             shared.breaker.release_probe();
