@@ -178,6 +178,10 @@ pub(super) async fn many_tenants(ctx: &mut Ctx, tenants: usize, backlog: usize, 
     // database's control session.
     base.heartbeat_interval = Duration::from_secs(1);
     base.instance_timeout = Duration::from_secs(5);
+    if let Some(b) = std::env::var("BENCH_FLEET_BATCH").ok().and_then(|v| v.parse().ok()) {
+        base.batch_size = b;
+        ctx.say(&format!("`--batch-size {b}` on every instance.\n"));
+    }
     // BENCH_FLEET_PRODUCER="name=value,...": librdkafka properties of every instance (`-X`).
     if let Ok(props) = std::env::var("BENCH_FLEET_PRODUCER") {
         for p in props.split(',').filter(|p| !p.is_empty()) {

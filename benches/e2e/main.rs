@@ -461,7 +461,8 @@ async fn main() -> Res<()> {
     }
     // 11. Many outboxes: BENCH_TENANTS schemas (200; 20 with --short), a backlog of
     // BENCH_TENANT_BACKLOG rows (200,000; 20,000 with --short), BENCH_FLEET_SESSIONS lane
-    // sessions per instance (16), BENCH_FLEET_PRODUCER librdkafka properties of every instance.
+    // sessions per instance (16), BENCH_FLEET_BATCH a --batch-size of every instance, BENCH_FLEET_PRODUCER
+    // librdkafka properties of every instance.
     if run(11) {
         let tenants = std::env::var("BENCH_TENANTS").ok().and_then(|v| v.parse().ok()).unwrap_or(ctx.size(20, 200));
         let backlog = std::env::var("BENCH_TENANT_BACKLOG")

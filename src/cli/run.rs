@@ -44,6 +44,11 @@ pub(crate) struct RunArgs {
     /// and a LISTEN session.
     #[arg(long, env = "OUTBOX_MAX_SESSIONS", value_parser = clap::value_parser!(u16).range(1..))]
     max_sessions: Option<u16>,
+    /// Under --max-sessions: the most rows a lane claims per statement on a session it shares with
+    /// other lanes (a session's replies come back in order, so an idle lane's claim waits behind
+    /// the busy lanes' replies before it).
+    #[arg(long, env = "OUTBOX_SHARED_BATCH_SIZE", default_value_t = 200, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    shared_batch_size: u32,
     /// How often the instance heartbeats and rebalances lanes.
     #[arg(long, env = "OUTBOX_HEARTBEAT_INTERVAL", default_value = "1s", value_parser = humantime::parse_duration)]
     heartbeat_interval: Duration,
@@ -209,6 +214,7 @@ fn config(global: &Global, args: RunArgs, fallback: Option<DbConfig>) -> Result<
     config.poll_interval = args.poll_interval;
     config.max_lanes = args.max_lanes;
     config.max_sessions = args.max_sessions;
+    config.shared_batch_size = args.shared_batch_size as usize;
     config.heartbeat_interval = args.heartbeat_interval;
     config.instance_timeout = args.instance_timeout;
     config.shutdown_timeout = args.shutdown_timeout;

@@ -35,6 +35,12 @@ pub struct RelayConfig {
     /// budget, one session holds the locks of, and runs the statements of, several lanes, of one
     /// outbox or of several on that database.
     pub max_sessions: Option<u16>,
+    /// The most rows a lane claims per statement on a session it shares with other lanes (under
+    /// `max_sessions`). A session's replies come back in order, and the driver hands each one to
+    /// its lane a piece at a time, so a lane's claim waits until every reply before it on the
+    /// session was taken in: a smaller claim keeps an idle lane's one-row claim from waiting
+    /// behind a busy lane's large one (BENCHMARKS.md, table 11).
+    pub shared_batch_size: usize,
     /// How often the instance heartbeats and rebalances lanes.
     pub heartbeat_interval: Duration,
     /// An instance whose heartbeat is older than this counts as dead.
@@ -99,6 +105,7 @@ impl RelayConfig {
             poll_interval: Duration::from_secs(1),
             max_lanes: None,
             max_sessions: None,
+            shared_batch_size: 200,
             heartbeat_interval: Duration::from_secs(1),
             instance_timeout: Duration::from_secs(5),
             shutdown_timeout: Duration::from_secs(30),

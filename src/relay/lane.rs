@@ -140,8 +140,13 @@ pub(crate) async fn run_lane(
                 Permit::Wait(_) => {}
                 Permit::Go | Permit::Probe => {
                     let probing = permit == Permit::Probe;
-                    let limit =
-                        if probing || st.cautious { 1 } else { shared.config.batch_size.min(max_in_flight - held) };
+                    // On a shared session a claim's reply holds up every later one there.
+                    let batch = if session.shared() {
+                        shared.config.batch_size.min(shared.config.shared_batch_size.max(1))
+                    } else {
+                        shared.config.batch_size
+                    };
+                    let limit = if probing || st.cautious { 1 } else { batch.min(max_in_flight - held) };
                     wake.borrow_and_update();
                     if let Err(exit) = claim_and_send(
                         &shared,

@@ -375,6 +375,11 @@ impl LaneSession {
         &self.conn.closed
     }
 
+    /// Whether the session serves other lanes too (under a session budget).
+    pub fn shared(&self) -> bool {
+        self.conn.lanes() > 1
+    }
+
     /// The lane's pending rows with sequences `from..=to`, in sequence order, and below `from` the
     /// rows of the same transactions, except for the transactions in `looked_below` (the lane looked
     /// below for them already). Starting at the lane loop's cursor rather than at the lane's start
