@@ -5,6 +5,7 @@
 //! soak_check create-topic --topic T --partitions 8     # the soak's topic, before anything writes
 //! soak_check verify --schema S --topic T [--quiet-secs 5] [--max-read-secs 900]
 //! soak_check watermarks --schema S --topic T --group G    # why a consumer stalls
+//! soak_check nudge --schema S --topic T [--force]          # move a stuck high watermark
 //! ```
 //! Environment: `DATABASE_URL`, `KAFKA_BROKERS`.
 //!
@@ -22,6 +23,13 @@
 //! `watermarks` prints, per partition, the broker's low and high watermarks, the end of the log
 //! as the relay's archive knows it (last acknowledged offset + 1), and the group's committed
 //! offset: a high watermark below the archive's end is the broker reporting less than it holds.
+//!
+//! `nudge` is for that case, which a consumer cannot get past (it reads up to the high watermark,
+//! and the broker does not move it once the producers that wrote there are gone): in each such
+//! partition it sends the last record below the high watermark again, an exact copy (key, value,
+//! headers), so the broker appends a record and moves the watermark past the hidden ones. The copy
+//! is a redelivery of a message the consumer applied already: its inbox must skip it. `--force`
+//! does it in every partition that holds a record, to try the path on a broker without the fault.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::{Duration, Instant};
@@ -51,6 +59,7 @@ fn main() {
         Some("create-topic") => create_topic().map(|()| 0),
         Some("verify") => verify(),
         Some("watermarks") => watermarks().map(|()| 0),
+        Some("nudge") => nudge().map(|()| 0),
         _ => Err("usage: soak_check create-topic --topic T --partitions N | verify --schema S --topic T".into()),
     };
     match code {
@@ -207,13 +216,12 @@ fn read(
     Ok(())
 }
 
-fn watermarks() -> Result<(), Error> {
-    let schema = arg("--schema").ok_or("--schema is required")?;
-    let topic = arg("--topic").ok_or("--topic is required")?;
-    let group = arg("--group").ok_or("--group is required")?;
+/// Per partition of `topic`, the end of the log as the relay's archive knows it (last
+/// acknowledged offset + 1).
+fn archive_end(schema: &str, topic: &str) -> Result<HashMap<i32, i64>, Error> {
     let url = std::env::var("DATABASE_URL").map_err(|_| "set DATABASE_URL")?;
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-    let archive_end: HashMap<i32, i64> = rt.block_on(async {
+    rt.block_on(async {
         let db = DbConfig::parse(&url)?.connect().await?;
         let rows = db
             .query(
@@ -224,19 +232,31 @@ fn watermarks() -> Result<(), Error> {
             )
             .await?;
         Ok::<_, Error>(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
-    })?;
+    })
+}
+
+/// The partitions of `topic`.
+fn partitions_of(consumer: &BaseConsumer, topic: &str) -> Result<Vec<i32>, Error> {
+    let md = consumer.fetch_metadata(Some(topic), Duration::from_secs(10))?;
+    Ok(md
+        .topics()
+        .iter()
+        .find(|t| t.name() == topic)
+        .map(|t| t.partitions().iter().map(|p| p.id()).collect())
+        .unwrap_or_default())
+}
+
+fn watermarks() -> Result<(), Error> {
+    let schema = arg("--schema").ok_or("--schema is required")?;
+    let topic = arg("--topic").ok_or("--topic is required")?;
+    let group = arg("--group").ok_or("--group is required")?;
+    let archive_end = archive_end(&schema, &topic)?;
     let consumer: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", brokers()?)
         .set("group.id", &group)
         .set("enable.auto.commit", "false")
         .create()?;
-    let md = consumer.fetch_metadata(Some(&topic), Duration::from_secs(10))?;
-    let partitions: Vec<i32> = md
-        .topics()
-        .iter()
-        .find(|t| t.name() == topic)
-        .map(|t| t.partitions().iter().map(|p| p.id()).collect())
-        .unwrap_or_default();
+    let partitions = partitions_of(&consumer, &topic)?;
     let mut tpl = TopicPartitionList::new();
     for &p in &partitions {
         tpl.add_partition(&topic, p);
@@ -277,6 +297,74 @@ fn watermarks() -> Result<(), Error> {
         partitions.len(),
         parts.join("; ")
     );
+    Ok(())
+}
+
+fn nudge() -> Result<(), Error> {
+    use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
+    let schema = arg("--schema").ok_or("--schema is required")?;
+    let topic = arg("--topic").ok_or("--topic is required")?;
+    let force = std::env::args().any(|a| a == "--force");
+    let archive_end = archive_end(&schema, &topic)?;
+    let brokers = brokers()?;
+    let consumer = reader(&brokers)?;
+    let producer: ThreadedProducer<DefaultProducerContext> = ClientConfig::new()
+        .set("bootstrap.servers", &brokers)
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("message.timeout.ms", "20000")
+        .create()?;
+    let mut nudged = 0;
+    for p in partitions_of(&consumer, &topic)? {
+        let (_, hi) = consumer.fetch_watermarks(&topic, p, Duration::from_secs(10))?;
+        let end = archive_end.get(&p).copied().unwrap_or(0);
+        if hi == 0 || !(hi < end || force) {
+            continue;
+        }
+        // The last record a consumer can read there: one it has applied already.
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset(&topic, p, Offset::Offset(hi - 1))?;
+        consumer.assign(&tpl)?;
+        let deadline = Instant::now() + Duration::from_secs(15);
+        let copy = loop {
+            if Instant::now() >= deadline {
+                break None;
+            }
+            match consumer.poll(Duration::from_millis(200)) {
+                Some(Ok(m)) if m.partition() == p && m.offset() == hi - 1 => {
+                    break Some((
+                        m.key().map(<[u8]>::to_vec),
+                        m.payload().map(<[u8]>::to_vec),
+                        m.headers().map(|h| h.detach()),
+                    ))
+                }
+                Some(Err(e)) => eprintln!("soak_check: nudge: reading {topic}/{p}@{}: {e} (going on)", hi - 1),
+                _ => {}
+            }
+        };
+        let Some((key, payload, headers)) = copy else {
+            eprintln!("soak_check: nudge: could not read {topic}/{p}@{} within 15 s; partition left as it is", hi - 1);
+            continue;
+        };
+        let mut record = BaseRecord::<[u8], [u8]>::to(&topic).partition(p);
+        if let Some(k) = key.as_deref() {
+            record = record.key(k);
+        }
+        if let Some(v) = payload.as_deref() {
+            record = record.payload(v);
+        }
+        if let Some(h) = headers {
+            record = record.headers(h);
+        }
+        producer.send(record).map_err(|(e, _)| format!("nudge: sending the copy to {topic}/{p}: {e}"))?;
+        println!(
+            "soak_check: nudge: {topic}/{p}: high watermark {hi}, archive end {end}; the record at offset {} sent again",
+            hi - 1
+        );
+        nudged += 1;
+    }
+    producer.flush(Duration::from_secs(20))?;
+    println!("soak_check: nudge: {nudged} partitions nudged");
     Ok(())
 }
 
