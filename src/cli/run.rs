@@ -151,6 +151,9 @@ fn parse_mapping(s: &str) -> Result<(String, String), String> {
 }
 
 pub(crate) async fn run(global: &Global, args: RunArgs) -> Result<(), CliError> {
+    // The signal handlers first: a SIGTERM that comes while the relay starts (an orchestrator
+    // stopping a pod it just started) is a graceful stop too, not a kill by the signal.
+    let signals = install_signals();
     // Traces when OTEL_EXPORTER_OTLP_ENDPOINT says where (outbox_relay::traces); flushed at exit.
     let _traces = match outbox_relay::traces::Settings::from_env("outbox-relay")? {
         Some(s) => {
@@ -188,7 +191,7 @@ pub(crate) async fn run(global: &Global, args: RunArgs) -> Result<(), CliError> 
         .collect();
     let config = config(global, args, outboxes.first().map(|o| o.db.clone()))?;
     let shutdown = CancellationToken::new();
-    tokio::spawn(stop_on_signal(shutdown.clone()));
+    tokio::spawn(stop_on_signal(signals, shutdown.clone()));
     let stats = std::sync::Arc::new(relay::RelayStats::default());
     relay::run_fleet(config, outboxes, discover, shutdown, stats).await?;
     Ok(())
@@ -250,13 +253,25 @@ fn config(global: &Global, args: RunArgs, fallback: Option<DbConfig>) -> Result<
     Ok(config)
 }
 
-/// Cancels `shutdown` on SIGTERM or SIGINT; a second signal exits at once.
-async fn stop_on_signal(shutdown: CancellationToken) {
+/// SIGTERM's and SIGINT's streams (from now on neither kills the process); `None`, said in the
+/// log, when they cannot be installed.
+fn install_signals() -> Option<(tokio::signal::unix::Signal, tokio::signal::unix::Signal)> {
     use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
-        tracing::error!("cannot install signal handlers; stop the relay with SIGKILL");
-        return;
-    };
+    match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+        (Ok(term), Ok(int)) => Some((term, int)),
+        _ => {
+            tracing::error!("cannot install signal handlers; stop the relay with SIGKILL");
+            None
+        }
+    }
+}
+
+/// Cancels `shutdown` on SIGTERM or SIGINT; a second signal exits at once.
+async fn stop_on_signal(
+    signals: Option<(tokio::signal::unix::Signal, tokio::signal::unix::Signal)>,
+    shutdown: CancellationToken,
+) {
+    let Some((mut term, mut int)) = signals else { return };
     tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
     tracing::info!("signal received: graceful shutdown (send it again to exit at once)");
     shutdown.cancel();

@@ -144,6 +144,9 @@ async fn committed_rows_survive_relay_kill_9_at_random_moments() {
     let committed = writers.await.unwrap();
     let mut relay = RelayProcess::start(&schema, &relay_flags);
     let recovery = wait_until_empty(&s_ref, Duration::from_secs(180)).await;
+    // The outbox may be empty already (the last relay drained it): wait until this one runs (it
+    // holds the lanes), so that what is asserted is its graceful stop, not its start.
+    wait_for_spread(&c, &s_ref, 8, 1, Instant::now(), "the last relay did not take its lanes").await;
     assert_eq!(relay.terminate(Duration::from_secs(30)), Some(0));
 
     let received = read_topic(&topic, committed.len(), Duration::from_secs(120));
