@@ -237,7 +237,7 @@ fn archive_end(schema: &str, topic: &str) -> Result<HashMap<i32, i64>, Error> {
 
 /// The partitions of `topic`.
 fn partitions_of(consumer: &BaseConsumer, topic: &str) -> Result<Vec<i32>, Error> {
-    let md = consumer.fetch_metadata(Some(topic), Duration::from_secs(10))?;
+    let md = consumer.fetch_metadata(Some(topic), Duration::from_secs(20))?;
     Ok(md
         .topics()
         .iter()
@@ -384,16 +384,7 @@ fn verify() -> Result<i32, Error> {
 
     let brokers = brokers()?;
     let consumer = reader(&brokers)?;
-    let md = consumer.fetch_metadata(Some(&topic), Duration::from_secs(20))?;
-    let partitions: Vec<i32> = md
-        .topics()
-        .iter()
-        .find(|t| t.name() == topic)
-        .ok_or("topic not in the metadata")?
-        .partitions()
-        .iter()
-        .map(|p| p.id())
-        .collect();
+    let partitions = partitions_of(&consumer, &topic)?;
     if partitions.is_empty() {
         return Err(format!("topic {topic} has no partitions (does it exist?)").into());
     }
