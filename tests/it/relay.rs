@@ -302,8 +302,14 @@ async fn claims_on_a_shared_lane_session_are_capped_and_on_a_session_of_its_own_
     }
     // Two lanes on one session: each claim of at most 25 rows, so at least 3,000 / 25.
     assert!(claims[0] >= (ROWS / SHARED_BATCH) as u64, "shared session: {} claims for {ROWS} rows", claims[0]);
-    // A session per lane: claims of up to 1,000 rows (a few more: empty reads, the window's room).
-    assert!(claims[1] <= 30, "sessions of their own: {} claims for {ROWS} rows", claims[1]);
+    // A session per lane: claims of up to 1,000 rows, plus empty ones (idle reads every 0.5 s
+    // and more, wake-ups), whose number grows with how long a loaded machine takes to drain:
+    // under half the capped count, with room for a slow run (4–12 measured, 18 under load).
+    assert!(
+        claims[1] < (ROWS / SHARED_BATCH / 2) as u64,
+        "sessions of their own: {} claims for {ROWS} rows",
+        claims[1]
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
